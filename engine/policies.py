@@ -1,0 +1,98 @@
+"""Scheduling policies: when to run an encoding phase and how many queries it admits.
+
+Each policy answers one question per step, `num_to_admit`: 0 means run a decoding iteration
+of the running batch; k > 0 means run an encoding phase for the next k waiting queries.
+Everything else (slots, early termination, compaction) is shared by the scheduler.
+
+- RRA (paper section 4.1): one encoding phase of B_E queries, then N_D decoding iterations.
+  Queries finish and leave at once; newly encoded ones join the running batch.
+- STATIC (FasterTransformer-like): a batch is encoded together and decoded until its longest
+  member finishes; finished rows keep being computed (no early termination), nobody joins.
+- CONTINUOUS (ORCA/vLLM-like): iteration-level; a waiting query is encoded as soon as a slot
+  is free, then joins the running batch at the next iteration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from adaptive.schedule import Policy, Schedule
+
+
+@dataclass(frozen=True)
+class BatchState:
+    num_running: int  # rows in the cache, finished-but-held rows included
+    num_waiting: int
+    num_free_slots: int
+    iters_since_encode: int  # decoding iterations since the last encoding phase
+
+
+class SchedulingPolicy(Protocol):
+    @property
+    def holds_finished_rows(self) -> bool:
+        """True: finished queries keep their row until the whole batch ends."""
+        ...
+
+    def num_to_admit(self, state: BatchState) -> int: ...
+
+    def at_phase_boundary(self, state: BatchState) -> bool:
+        """Whether a new schedule may take over now (nothing is cut mid-phase)."""
+        ...
+
+
+def _room(state: BatchState, cap: int) -> int:
+    return max(0, min(cap, state.num_waiting, state.num_free_slots))
+
+
+@dataclass(frozen=True)
+class RoundRobin:
+    encode_batch: int
+    decode_iters: int
+    max_batch: int
+    holds_finished_rows: bool = False
+
+    def num_to_admit(self, state: BatchState) -> int:
+        if state.num_running and state.iters_since_encode < self.decode_iters:
+            return 0
+        return _room(state, min(self.encode_batch, self.max_batch - state.num_running))
+
+    def at_phase_boundary(self, state: BatchState) -> bool:
+        return not state.num_running or state.iters_since_encode >= self.decode_iters
+
+
+@dataclass(frozen=True)
+class StaticBatching:
+    batch_size: int
+    holds_finished_rows: bool = True
+
+    def num_to_admit(self, state: BatchState) -> int:
+        return 0 if state.num_running else _room(state, self.batch_size)
+
+    def at_phase_boundary(self, state: BatchState) -> bool:
+        return not state.num_running
+
+
+@dataclass(frozen=True)
+class ContinuousBatching:
+    max_batch: int
+    holds_finished_rows: bool = False
+
+    def num_to_admit(self, state: BatchState) -> int:
+        return _room(state, self.max_batch - state.num_running)
+
+    def at_phase_boundary(self, state: BatchState) -> bool:
+        return True
+
+
+def make_policy(schedule: Schedule) -> SchedulingPolicy:
+    if schedule.policy is Policy.RRA:
+        return RoundRobin(schedule.encode_batch, schedule.decode_iters, schedule.max_batch)
+    if schedule.policy is Policy.STATIC:
+        return StaticBatching(schedule.encode_batch)
+    if schedule.policy is Policy.CONTINUOUS:
+        return ContinuousBatching(schedule.max_batch)
+    raise ValueError(
+        f"policy {schedule.policy.value!r} needs separate encode and decode workers "
+        "(multi-worker engine); a single worker runs rra, static or continuous"
+    )

@@ -1,0 +1,45 @@
+"""The model runner: executes a StepPlan on the model and samples one token per row.
+
+It reads requests and never changes them; the cache rows it writes are the ones the plan
+names (plus the compaction copies the plan carries, applied first).
+"""
+
+from __future__ import annotations
+
+from engine.models import EncodeItem, ModelExecutor
+from engine.request import Request
+from engine.sampling import sample
+from engine.scheduler import Phase, StepPlan
+
+
+class ModelRunner:
+    def __init__(self, executor: ModelExecutor, is_encoder_decoder: bool) -> None:
+        self.executor = executor
+        self.is_encoder_decoder = is_encoder_decoder
+
+    def context_len(self, request: Request) -> int:
+        """Cached positions of a row once its last output token is the next input.
+
+        Decoder-only rows cache the prompt and all outputs but the newest; encoder-decoder
+        rows cache the decoder start token and all outputs but the newest.
+        """
+        cached_outputs = max(request.num_output_tokens - 1, 0)
+        return cached_outputs + (1 if self.is_encoder_decoder else request.num_prompt_tokens)
+
+    def execute(self, plan: StepPlan) -> list[int]:
+        for move in plan.moves:
+            self.executor.move_slot(move.src, move.dst, self.context_len(move.request))
+        if plan.phase is Phase.ENCODE:
+            items = []
+            for r in plan.requests:
+                assert r.slot is not None, f"request {r.request_id} scheduled without a row"
+                items.append(EncodeItem(slot=r.slot, token_ids=r.prompt_ids))
+            logits = self.executor.prefill(items)
+        else:
+            logits = self.executor.decode(
+                [r.output_ids[-1] for r in plan.requests],
+                [self.context_len(r) for r in plan.requests],
+            )
+        return sample(
+            logits, [r.params for r in plan.requests], [r.generator for r in plan.requests]
+        )

@@ -1,0 +1,168 @@
+"""The scheduler: plans each engine step and applies its result.
+
+One step of the engine is
+
+    plan = scheduler.schedule()        # encode phase for k new queries, or decode iteration
+    tokens = runner.execute(plan)      # model forward + sampling; reads requests only
+    changed = scheduler.update(plan, tokens)
+
+`update` is the only place a request changes. A query that finishes leaves at once
+(early termination): its KV row is released and the last running row is moved into it
+(see `engine.kv_slots`); the copy is carried in the next plan so the runner applies it
+before it reads the cache. The policy object decides only when to encode and how many.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from adaptive.schedule import Schedule
+from engine.kv_slots import SlotManager
+from engine.policies import BatchState, SchedulingPolicy, make_policy
+from engine.request import Request, RequestStatus
+
+
+class Phase(enum.Enum):
+    ENCODE = "encode"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class RowMove:
+    """Copy the cache row of `request` from src to dst before the step runs."""
+
+    src: int
+    dst: int
+    request: Request
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    phase: Phase
+    requests: tuple[Request, ...]  # ENCODE: the new queries; DECODE: rows 0..n-1 in order
+    moves: tuple[RowMove, ...] = ()
+
+
+class Scheduler:
+    def __init__(self, schedule: Schedule, num_slots: int, eos_ids: frozenset[int]) -> None:
+        self.eos_ids = eos_ids
+        self.slots = SlotManager(num_slots)
+        self.schedule_value = schedule
+        self.policy: SchedulingPolicy = make_policy(schedule)
+        self._next_schedule: Schedule | None = None
+        self.waiting: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}  # every unfinished or row-holding request
+        self._pending_moves: list[RowMove] = []
+        self._iters_since_encode = 0
+
+    # -- requests in and out -------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Finish a request as aborted and free its row now; None if unknown or finished."""
+        request = self.requests.get(request_id)
+        if request is None or request.status.is_finished:
+            return None
+        if request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        return request
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Takes effect at the next encoding decision, never in the middle of a phase."""
+        make_policy(schedule)  # reject a schedule this engine cannot run, now
+        self._next_schedule = schedule
+
+    @property
+    def num_unfinished(self) -> int:
+        return sum(not r.status.is_finished for r in self.requests.values())
+
+    def running(self) -> list[Request]:
+        """Requests holding cache rows, in row order."""
+        return [self.requests[owner] for owner in self.slots.owners()]
+
+    # -- one step ----------------------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        """The next step, or None when there is nothing to run."""
+        moves, self._pending_moves = tuple(self._pending_moves), []
+        state = BatchState(
+            num_running=self.slots.num_used,
+            num_waiting=len(self.waiting),
+            num_free_slots=self.slots.num_free,
+            iters_since_encode=self._iters_since_encode,
+        )
+        if self._next_schedule is not None and self.policy.at_phase_boundary(state):
+            self.schedule_value, self._next_schedule = self._next_schedule, None
+            self.policy = make_policy(self.schedule_value)
+        admit = self.policy.num_to_admit(state)
+        if admit:
+            new = [self.waiting.popleft() for _ in range(admit)]
+            now = time.monotonic()
+            for request in new:
+                request.slot = self.slots.allocate(request.request_id)
+                request.status = RequestStatus.ENCODING
+                request.encode_start_time = now
+            self._iters_since_encode = 0
+            return StepPlan(Phase.ENCODE, tuple(new), moves)
+        if self.slots.num_used:
+            self._iters_since_encode += 1
+            return StepPlan(Phase.DECODE, tuple(self.running()), moves)
+        return None
+
+    def update(self, plan: StepPlan, tokens: list[int]) -> list[Request]:
+        """Append each row's new token, finish what is done; returns requests that changed."""
+        now = time.monotonic()
+        changed = []
+        for request, token in zip(plan.requests, tokens, strict=True):
+            if request.status.is_finished:  # held row (static batching) or aborted mid-step
+                continue
+            request.output_ids.append(token)
+            if request.status is RequestStatus.ENCODING:
+                request.status = RequestStatus.DECODING
+                request.first_token_time = now
+            if token in self.eos_ids and not request.params.ignore_eos:
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+            elif request.num_output_tokens >= request.params.max_tokens:
+                self._finish(request, RequestStatus.FINISHED_LENGTH)
+            changed.append(request)
+        return changed
+
+    def finish_stopped(self, request: Request) -> None:
+        """A stop string was found in the request's text."""
+        if not request.status.is_finished:
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+
+    # -- rows --------------------------------------------------------------------------
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        request.finish_time = time.monotonic()
+        if request.slot is None:
+            del self.requests[request.request_id]
+            return
+        if self.policy.holds_finished_rows and status is not RequestStatus.FINISHED_ABORTED:
+            # static batching: the row is computed until the whole batch is done
+            if all(r.status.is_finished for r in self.running()):
+                for held in self.running():
+                    self._release(held)
+            return
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        move = self.slots.free(request.request_id)
+        if move is not None:
+            moved = self.requests[self.slots.owners()[move.dst]]
+            moved.slot = move.dst
+            # a row moved twice before the next step still has its data at the first src
+            earlier = [m for m in self._pending_moves if m.request is moved]
+            src = earlier[0].src if earlier else move.src
+            self._pending_moves = [m for m in self._pending_moves if m.request is not moved]
+            self._pending_moves.append(RowMove(src, move.dst, moved))
+        request.slot = None
+        del self.requests[request.request_id]
