@@ -76,8 +76,13 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile-set",
         choices=("h100", "h100-cudagraphs"),
-        default="h100",
-        help="packaged profiles --reproduce-paper uses (default h100, eager)",
+        default="h100-cudagraphs",
+        help="packaged profiles --reproduce-paper uses (default h100-cudagraphs)",
+    )
+    parser.add_argument(
+        "--h100-compute",
+        action="store_true",
+        help="--reproduce-paper: keep H100 layer times instead of scaling to A40/A100",
     )
 
 
@@ -106,6 +111,7 @@ def _cluster(args: argparse.Namespace) -> Cluster:
         intra=intra,
         inter=inter,
         name=base.name,
+        device=base.device,
     )
 
 
@@ -207,7 +213,7 @@ def _plan_text(plan: Plan, baseline: Plan | None, verified: bool | None) -> str:
 def _reproduce(args: argparse.Namespace) -> int:
     from adaptive.reproduce import format_table, run_matrix, summary
 
-    rows = run_matrix(args.profile_set)
+    rows = run_matrix(args.profile_set, scale_compute=not args.h100_compute)
     print(format_table(rows))
     if args.json:
         payload = {"rows": [r.to_json() for r in rows], "summary": summary(rows)}

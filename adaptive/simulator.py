@@ -142,7 +142,7 @@ def evaluate(
     if policy in (Policy.WAA_C, Policy.WAA_M):
         return K.waa_point(t, a, s, k1, kd, degree, x1, x2, policy is Policy.WAA_M, encode_workers)
     if policy is Policy.STATIC:
-        return K.static_point(t, a, s, k1, kd, degree, x1)
+        return K.static_point(t, a, s, sc.out_pmf, k1, kd, degree, x1)
     return K.continuous_point(t, a, s, k1, kd, degree, x1)
 
 

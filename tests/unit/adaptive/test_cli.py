@@ -80,3 +80,7 @@ def test_reproduce_paper_writes_json(tmp_path: Path) -> None:
     assert len(payload["rows"]) == 96
     assert all(row["gain"] >= 1.0 for row in payload["rows"])
     assert payload["summary"]["overall"] > 1.0
+    # The paper's FT: tensor parallelism over a whole node (OPT-13B has only 4 devices).
+    ft_degrees = {row["ft_schedule"].split("TP=")[1].split("x")[0] for row in payload["rows"]}
+    assert ft_degrees == {"4", "8"}
+    assert all("TP=8x" in row["ft_schedule"] for row in payload["rows"] if row["devices"] >= 8)

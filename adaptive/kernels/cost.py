@@ -1,0 +1,178 @@
+"""Numba cost model: scenario-vector layout, layer, stage and pass times.
+
+Typed wrappers live in `adaptive.simulator`; nothing here knows about dataclasses. All
+times are seconds, sizes bytes. `s` is the scenario vector (layout below), `tables` the
+profile's [kind, tp, batch, length] ln-seconds grid, `axes` its (log2 batch0, log2 len0).
+
+Parallel layout (paper section 4.2, partial tensor parallelism). N devices, `g` of them in
+tensor-parallel groups of degree `d`, the rest plain pipeline stages:
+
+    stages P = (N - g) + g / d        [plain][plain][ TP x d ][ TP x d ]  ->  P = 2 + 2
+    every device holds L / N layers (a TP group of d devices holds d * L / N),
+
+so weights and KV spread evenly over devices. A batch of B queries runs as P mini-batches
+of B / P (one per stage, FasterTransformer style), so one pass of all B costs P times the
+slowest stage at B / P; a stage pays its layers' compute, d-way ring all-reduces over the
+node link and one send to the next stage. Where a pipeline switches from encoding to
+decoding, the slower encode stages hold the decodes back for p - 1 stage-slots
+(`phase_bubble`); RRA pays it every cycle, FasterTransformer once per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numpy as np
+import numpy.typing as npt
+from numba import njit
+
+F = TypeVar("F", bound=Callable[..., Any])
+Arr = npt.NDArray[np.float64]
+IArr = npt.NDArray[np.int64]
+Point = tuple[float, float, float, float, float]
+
+
+def jit(fn: F) -> F:
+    """njit with an on-disk cache, typed for mypy (numba ships no stubs)."""
+    return cast(F, njit(cache=True)(fn))
+
+
+ENCODE = 0
+DECODE = 1
+
+# Scenario vector layout, filled by adaptive.simulator.build_scenario.
+S_L_ENC = 0  # layers an encode pass runs
+S_L_DEC = 1  # layers a decode iteration runs
+S_HIDDEN = 2
+S_AR_ENC = 3  # all-reduces per encode layer under TP (Megatron: 2)
+S_AR_DEC = 4  # per decode layer (2; 3 with cross-attention)
+S_W_ENC = 5  # weight bytes of the encode side
+S_W_DEC = 6  # weight bytes of the decode side
+S_W_SHARED = 7  # 1 when both sides are the same layers (decoder-only)
+S_KV_TOKEN = 8  # KV bytes per token, whole model
+S_MEM = 9  # usable bytes per device
+S_N = 10  # devices
+S_NODE = 11  # devices per node
+S_INTRA_BW = 12
+S_INTRA_LAT = 13
+S_INTER_BW = 14
+S_INTER_LAT = 15
+S_HOST_BW = 16  # WAA KV hand-over path, device -> host -> device
+S_IN_MEAN = 17
+S_OUT_MEAN = 18
+S_OUT_TARGET = 19  # output length the latency bound is stated for (p99)
+S_OUT_MAX = 20
+S_IN_MAX = 21
+S_CTX_MEAN = 22  # mean context of a running decode query (length-biased)
+S_BUFFER = 23  # WAA's buffer for dynamic workload adjustment, fraction of latency
+S_SIZE = 24
+
+INFEASIBLE = (0.0, math.inf, 0.0, math.inf, 0.0)
+
+
+@jit
+def layer_time(tables: Arr, axes: Arr, kind: int, k: int, batch: float, length: float) -> float:
+    """Bilinear interpolation of ln t over (log2 batch, log2 length); linear beyond."""
+    nb = tables.shape[2]
+    nl = tables.shape[3]
+    x = math.log2(max(batch, 1.0)) - axes[0]
+    y = math.log2(max(length, 1.0)) - axes[1]
+    i = min(max(math.floor(x), 0), nb - 2)
+    j = min(max(math.floor(y), 0), nl - 2)
+    fx = max(x - i, 0.0)
+    fy = max(y - j, -4.0)
+    t = tables[kind, k]
+    v = (
+        (1 - fx) * (1 - fy) * t[i, j]
+        + fx * (1 - fy) * t[i + 1, j]
+        + (1 - fx) * fy * t[i, j + 1]
+        + fx * fy * t[i + 1, j + 1]
+    )
+    return math.exp(v)
+
+
+@jit
+def allreduce_time(s: Arr, nbytes: float, d: int) -> float:
+    """Ring all-reduce among d devices of one node."""
+    if d <= 1:
+        return 0.0
+    bandwidth_s: float = 2.0 * (d - 1) / d * nbytes / s[S_INTRA_BW]
+    return bandwidth_s + 2.0 * (d - 1) * float(s[S_INTRA_LAT])
+
+
+@jit
+def stage_time(
+    tables: Arr,
+    axes: Arr,
+    s: Arr,
+    kind: int,
+    k1: int,
+    kd: int,
+    d: int,
+    n_plain: int,
+    n_groups: int,
+    layers: float,
+    b: float,
+    length: float,
+    tokens: float,
+) -> float:
+    """Slowest stage's time for a mini-batch of b queries of `tokens` new tokens each."""
+    n_dev = n_plain + n_groups * d
+    nbytes = b * tokens * s[S_HIDDEN] * 2.0
+    per_device = layers / n_dev
+    worst = 0.0
+    if n_plain > 0:
+        worst = per_device * layer_time(tables, axes, kind, k1, b, length)
+    if n_groups > 0:
+        n_ar = s[S_AR_ENC] if kind == ENCODE else s[S_AR_DEC]
+        t_layer = layer_time(tables, axes, kind, kd, b, length)
+        worst = max(worst, per_device * d * (t_layer + n_ar * allreduce_time(s, nbytes, d)))
+    if n_plain + n_groups > 1:
+        if n_dev > s[S_NODE]:
+            worst += s[S_INTER_LAT] + nbytes / s[S_INTER_BW]
+        else:
+            worst += s[S_INTRA_LAT] + nbytes / s[S_INTRA_BW]
+    return worst
+
+
+@jit
+def pass_time(
+    tables: Arr,
+    axes: Arr,
+    s: Arr,
+    kind: int,
+    k1: int,
+    kd: int,
+    d: int,
+    n_plain: int,
+    n_groups: int,
+    layers: float,
+    batch: float,
+    length: float,
+    tokens: float,
+) -> float:
+    """All `batch` queries through every layer once, as P pipelined mini-batches."""
+    p = n_plain + n_groups
+    return p * stage_time(
+        tables, axes, s, kind, k1, kd, d, n_plain, n_groups, layers, batch / p, length, tokens
+    )
+
+
+@jit
+def phase_bubble(p: int, t_enc: float, t_dec: float) -> float:
+    """Idle time when an RRA pipeline of p stages switches from encoding to decoding.
+
+    t_enc, t_dec: pass times of the phases, p stage-slots each (stage times e, d). A
+    mini-batch's decode enters stage 0 only after its encoding left the last stage, and
+    in lock-step every slot that still holds an encode somewhere runs at the encode pace:
+
+        slot:     0   1   2   3   4
+        stage 0: E0  E1  E2  D0  D1      p = 3: slots 0..4 (2p - 1) hold an encode,
+        stage 1:     E0  E1  E2  D0      p of them charged as the encode pass, the other
+        stage 2:         E0  E1  E2      p - 1 carry decodes that wait e - d each.
+
+    The paper's "small amount of bubbles between encoding and decoding phases" (4.1).
+    """
+    return (p - 1) * max(t_enc - t_dec, 0.0) / p

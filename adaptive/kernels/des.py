@@ -1,0 +1,219 @@
+"""Discrete-event RRA and continuous batching, query by query, to check the closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from adaptive.kernels.cost import (
+    DECODE,
+    ENCODE,
+    S_L_DEC,
+    S_L_ENC,
+    S_N,
+    Arr,
+    IArr,
+    jit,
+    pass_time,
+    phase_bubble,
+)
+
+
+@jit
+def rra_des(
+    tables: Arr,
+    axes: Arr,
+    s: Arr,
+    k1: int,
+    kd: int,
+    d: int,
+    g: int,
+    b_e: int,
+    n_d: int,
+    in_lens: IArr,
+    out_lens: IArr,
+    warmup: int,
+) -> Arr:
+    """Discrete-event RRA: queries join B_E per cycle and leave the iteration they finish.
+
+    Returns [queries/s, mean decode batch at a cycle's first iteration, p99 latency,
+    measured cycles], over the cycles after `warmup` (the start fills an empty batch).
+    """
+    n = int(s[S_N])
+    n_groups = g // d if d > 1 else 0
+    n_plain = n - n_groups * d
+    n_q = in_lens.size
+    live = np.empty(n_q, np.int64)  # ids of running queries, live[:n_live]
+    remaining = out_lens.copy()
+    ctx = in_lens.astype(np.float64)
+    start = np.zeros(n_q)
+    latency = np.full(n_q, np.nan)
+    n_live, nxt, cycle, clock = 0, 0, 0, 0.0
+    t0, done0, batch_sum = 0.0, 0, 0.0
+    n_done = 0
+    while nxt + b_e <= n_q:
+        if cycle == warmup:
+            t0, done0 = clock, n_done
+        in_sum = 0.0
+        for _ in range(b_e):
+            live[n_live] = nxt
+            start[nxt] = clock
+            in_sum += in_lens[nxt]
+            n_live += 1
+            nxt += 1
+        t_enc = pass_time(
+            tables,
+            axes,
+            s,
+            ENCODE,
+            k1,
+            kd,
+            d,
+            n_plain,
+            n_groups,
+            s[S_L_ENC],
+            b_e,
+            in_sum / b_e,
+            in_sum / b_e,
+        )
+        clock += t_enc
+        if cycle >= warmup:
+            batch_sum += n_live
+        for it in range(n_d):
+            if n_live == 0:
+                break
+            ctx_sum = 0.0
+            for a in range(n_live):
+                ctx_sum += ctx[live[a]]
+            t_dec = pass_time(
+                tables,
+                axes,
+                s,
+                DECODE,
+                k1,
+                kd,
+                d,
+                n_plain,
+                n_groups,
+                s[S_L_DEC],
+                n_live,
+                ctx_sum / n_live,
+                1.0,
+            )
+            clock += t_dec
+            if it == 0:
+                clock += phase_bubble(n_plain + n_groups, t_enc, t_dec)
+            a = 0
+            while a < n_live:
+                q = live[a]
+                remaining[q] -= 1
+                ctx[q] += 1.0
+                if remaining[q] == 0:
+                    latency[q] = clock - start[q]
+                    n_done += 1
+                    n_live -= 1
+                    live[a] = live[n_live]
+                else:
+                    a += 1
+        cycle += 1
+    measured = max(cycle - warmup, 1)
+    lat = latency[~np.isnan(latency)]
+    p99 = np.quantile(lat, 0.99) if lat.size else math.inf
+    rate = (n_done - done0) / (clock - t0) if clock > t0 else 0.0
+    return np.array([rate, batch_sum / measured, p99, float(cycle - warmup)])
+
+
+@jit
+def continuous_des(
+    tables: Arr,
+    axes: Arr,
+    s: Arr,
+    k1: int,
+    kd: int,
+    d: int,
+    b: int,
+    in_lens: IArr,
+    out_lens: IArr,
+    warmup: int,
+) -> Arr:
+    """Discrete-event iteration-level batching: a query joins as soon as a slot frees.
+
+    Returns [queries/s, mean running batch, p99 latency, measured iterations].
+    """
+    n = int(s[S_N])
+    n_groups = n // d if d > 1 else 0
+    n_plain = n - n_groups * d
+    n_q = in_lens.size
+    live = np.empty(n_q, np.int64)
+    remaining = out_lens.copy()
+    ctx = in_lens.astype(np.float64)
+    start = np.zeros(n_q)
+    latency = np.full(n_q, np.nan)
+    n_live, nxt, it, clock = 0, 0, 0, 0.0
+    t0, done0, batch_sum, n_done = 0.0, 0, 0.0, 0
+    while nxt < n_q:
+        if it == warmup:
+            t0, done0 = clock, n_done
+        joined, in_sum = 0, 0.0
+        while n_live < b and nxt < n_q:
+            live[n_live] = nxt
+            start[nxt] = clock
+            in_sum += in_lens[nxt]
+            n_live += 1
+            nxt += 1
+            joined += 1
+        if joined > 0:
+            clock += pass_time(
+                tables,
+                axes,
+                s,
+                ENCODE,
+                k1,
+                kd,
+                d,
+                n_plain,
+                n_groups,
+                s[S_L_ENC],
+                joined,
+                in_sum / joined,
+                in_sum / joined,
+            )
+        ctx_sum = 0.0
+        for a in range(n_live):
+            ctx_sum += ctx[live[a]]
+        clock += pass_time(
+            tables,
+            axes,
+            s,
+            DECODE,
+            k1,
+            kd,
+            d,
+            n_plain,
+            n_groups,
+            s[S_L_DEC],
+            n_live,
+            ctx_sum / n_live,
+            1.0,
+        )
+        if it >= warmup:
+            batch_sum += n_live
+        a = 0
+        while a < n_live:
+            q = live[a]
+            remaining[q] -= 1
+            ctx[q] += 1.0
+            if remaining[q] == 0:
+                latency[q] = clock - start[q]
+                n_done += 1
+                n_live -= 1
+                live[a] = live[n_live]
+            else:
+                a += 1
+        it += 1
+    measured = max(it - warmup, 1)
+    lat = latency[~np.isnan(latency)]
+    p99 = np.quantile(lat, 0.99) if lat.size else math.inf
+    rate = (n_done - done0) / (clock - t0) if clock > t0 else 0.0
+    return np.array([rate, batch_sum / measured, p99, float(it - warmup)])
