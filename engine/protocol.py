@@ -1,0 +1,180 @@
+"""Messages between the gateway (asyncio, no torch) and the engine process (the step loop).
+
+Every message that crosses the process boundary is one of the Structs below, so both sides
+agree on one typed vocabulary and a malformed frame fails loudly at decode time. This module
+must stay free of torch (and of engine modules that import it): the gateway imports it.
+
+Wire format: a stream socket carrying frames of `[4-byte big-endian length][msgpack]`, where
+the msgpack body is a list of tagged messages. The engine sends one frame per step (all the
+deltas that step made), so the per-token cost of the boundary is amortised over the batch.
+
+    gateway -> engine: Submit, Abort, SetSlo, StatsRequest, Shutdown
+    engine -> gateway: Ready, Accepted, TokenDelta, Finished, Error, SloApplied, Stats
+
+Every Submit ends with exactly one terminal message for its request id: Finished or Error.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import msgspec
+
+FRAME_HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 256 * 1024 * 1024  # a corrupt length prefix must not allocate gigabytes
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class ScheduleInfo(msgspec.Struct, frozen=True):
+    """The engine's current Schedule, flattened (adaptive.Schedule stays engine-side)."""
+
+    policy: str
+    encode_batch: int
+    decode_iters: int
+    max_batch: int
+    description: str
+    predicted_latency_s: float | None = None
+    predicted_throughput_req_s: float | None = None
+
+
+class EngineOptions(msgspec.Struct, frozen=True):
+    """What the engine process is started with (passed as JSON on its command line)."""
+
+    model: str = "smollm2"
+    dtype: str = "bfloat16"
+    max_num_seqs: int = 64
+    max_model_len: int = 2048
+    policy: str = "rra"
+    slo_s: float | None = None
+    num_threads: int | None = None
+
+
+# --- gateway -> engine ------------------------------------------------------------------
+
+
+class Submit(msgspec.Struct, tag="submit", frozen=True):
+    """A new request: exactly one of prompt, messages (chat template applied) or prompt_ids."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    prompt_ids: list[int] | None = None
+    max_tokens: int | None = None  # None: the rest of the context window
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = []
+    ignore_eos: bool = False
+
+
+class Abort(msgspec.Struct, tag="abort", frozen=True):
+    request_id: str
+
+
+class SetSlo(msgspec.Struct, tag="set_slo", frozen=True):
+    update_id: int
+    latency_s: float | None  # None: no bound, the highest-throughput configuration
+
+
+class StatsRequest(msgspec.Struct, tag="stats_request", frozen=True):
+    pass
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
+    pass
+
+
+# --- engine -> gateway ------------------------------------------------------------------
+
+
+class Ready(msgspec.Struct, tag="ready", frozen=True):
+    model: str
+    max_model_len: int
+    max_num_seqs: int
+    slo_s: float | None
+    schedule: ScheduleInfo
+
+
+class Accepted(msgspec.Struct, tag="accepted", frozen=True):
+    """The request passed the engine's checks (tokenised, fits the context) and is queued."""
+
+    request_id: str
+    num_prompt_tokens: int
+    max_tokens: int
+
+
+class TokenDelta(msgspec.Struct, tag="delta", frozen=True):
+    request_id: str
+    token_ids: list[int]
+    text: str
+    emitted_at: float = 0.0  # engine's time.monotonic() (system-wide on Linux): gateway lag
+
+
+class Finished(msgspec.Struct, tag="finished", frozen=True):
+    request_id: str
+    finish_reason: str  # "stop" | "length" | "abort"
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class Error(msgspec.Struct, tag="error", frozen=True):
+    """A request (or, with request_id None, the engine) failed; status is the HTTP status."""
+
+    request_id: str | None
+    message: str
+    status: int = 400
+    error_type: str = "invalid_request_error"
+    param: str | None = None
+
+
+class SloApplied(msgspec.Struct, tag="slo_applied", frozen=True):
+    update_id: int
+    latency_s: float | None
+    schedule: ScheduleInfo
+    is_feasible: bool  # False: no measured configuration meets the bound; fastest one used
+    source: str
+
+
+class Stats(msgspec.Struct, tag="stats", frozen=True):
+    """schedule: what the current SLO selected; active_schedule: what the engine runs now
+    (a new schedule takes effect at the next encoding phase)."""
+
+    num_waiting: int
+    num_running: int
+    num_free_slots: int
+    slo_s: float | None
+    schedule: ScheduleInfo
+    active_schedule: ScheduleInfo
+
+
+ToEngine = Submit | Abort | SetSlo | StatsRequest | Shutdown
+FromEngine = Ready | Accepted | TokenDelta | Finished | Error | SloApplied | Stats
+
+_encoder = msgspec.msgpack.Encoder()
+_to_engine_decoder = msgspec.msgpack.Decoder(list[ToEngine])
+_from_engine_decoder = msgspec.msgpack.Decoder(list[FromEngine])
+
+
+def encode_frame(messages: Sequence[ToEngine] | Sequence[FromEngine]) -> bytes:
+    body = _encoder.encode(messages)
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    (length,) = FRAME_HEADER.unpack(header)
+    if length > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES} byte limit")
+    return int(length)
+
+
+def decode_to_engine(body: bytes) -> list[ToEngine]:
+    return _to_engine_decoder.decode(body)
+
+
+def decode_from_engine(body: bytes) -> list[FromEngine]:
+    return _from_engine_decoder.decode(body)

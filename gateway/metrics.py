@@ -1,0 +1,114 @@
+"""Prometheus metrics and the latency window behind GET /v1/slo.
+
+Each app gets its own CollectorRegistry, so several gateways in one process (tests, the
+overhead benchmark) never collide on metric names.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from engine import protocol as p
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
+DELAY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+OUTCOMES = ("finished", "aborted", "error", "rejected", "overloaded")
+
+
+class Metrics:
+    def __init__(self, window_s: float = 10.0, num_latencies: int = 2048) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("exegpt_requests", "Requests by outcome", ["outcome"], registry=r)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        self.tokens = Counter("exegpt_generated_tokens", "Tokens streamed to clients", registry=r)
+        self.in_flight = Gauge("exegpt_requests_in_flight", "Admitted, not ended", registry=r)
+        self.queue_length = Gauge(
+            "exegpt_queue_length", "Requests waiting in the engine", registry=r
+        )
+        self.running = Gauge("exegpt_running_batch", "Requests in the running batch", registry=r)
+        self.free_slots = Gauge("exegpt_free_kv_slots", "Free KV slots", registry=r)
+        self.tokens_per_s = Gauge(
+            "exegpt_tokens_per_second",
+            f"Generated tokens/s over the last {window_s:.0f} s",
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "exegpt_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "exegpt_e2e_latency_seconds",
+            "End-to-end request latency",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.token_delay = Histogram(
+            "exegpt_token_delay_seconds",
+            "Gateway-added delay per token: engine emits it -> written to the client",
+            buckets=DELAY_BUCKETS,
+            registry=r,
+        )
+        self.slo = Gauge("exegpt_slo_seconds", "Current latency bound (NaN: none)", registry=r)
+        self.schedule = Info("exegpt_schedule", "Schedule selected by the SLO", registry=r)
+        self.active_schedule = Info(
+            "exegpt_active_schedule", "Schedule the engine runs now", registry=r
+        )
+        self._window_s = window_s
+        self._token_times: deque[tuple[float, int]] = deque()
+        self.latencies: deque[float] = deque(maxlen=num_latencies)
+        self.token_delays: deque[float] = deque(maxlen=200_000)  # read by the benchmark
+
+    def on_tokens(self, count: int) -> None:
+        self.tokens.inc(count)
+        self._token_times.append((time.monotonic(), count))
+
+    def on_written(self, emitted_at: float, now: float) -> None:
+        if emitted_at > 0:
+            delay = max(0.0, now - emitted_at)
+            self.token_delay.observe(delay)
+            self.token_delays.append(delay)
+
+    def on_finished(self, latency_s: float) -> None:
+        self.requests.labels("finished").inc()
+        self.e2e.observe(latency_s)
+        self.latencies.append(latency_s)
+
+    def set_slo(self, latency_s: float | None, schedule: p.ScheduleInfo) -> None:
+        self.slo.set(math.nan if latency_s is None else latency_s)
+        self.schedule.info(schedule_labels(schedule))
+
+    def update_from(self, stats: p.Stats, num_in_flight: int) -> None:
+        self.queue_length.set(stats.num_waiting)
+        self.running.set(stats.num_running)
+        self.free_slots.set(stats.num_free_slots)
+        self.in_flight.set(num_in_flight)
+        self.set_slo(stats.slo_s, stats.schedule)
+        self.active_schedule.info(schedule_labels(stats.active_schedule))
+        now = time.monotonic()
+        while self._token_times and self._token_times[0][0] < now - self._window_s:
+            self._token_times.popleft()
+        self.tokens_per_s.set(sum(n for _, n in self._token_times) / self._window_s)
+
+    def latency_percentile(self, q: float) -> float | None:
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def schedule_labels(schedule: p.ScheduleInfo) -> dict[str, str]:
+    return {
+        "policy": schedule.policy,
+        "encode_batch": str(schedule.encode_batch),
+        "decode_iters": str(schedule.decode_iters),
+        "max_batch": str(schedule.max_batch),
+        "description": schedule.description,
+    }

@@ -1,0 +1,126 @@
+"""Fixtures for integration tests: a served random:llama gateway and a real mosquitto broker.
+
+Factories (`start_mosquitto`, `start_gateway`) are reusable by other test modules; the
+session fixtures share one broker and one served model, because starting the engine
+process (torch import, model load) costs seconds on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.server import GatewayServer
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+ADMIN_TOKEN = "test-admin-token"
+MODEL = "random:llama"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Mosquitto:
+    """A mosquitto broker on a loopback port; `restart()` keeps the port."""
+
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = field(default=None)
+
+    def start(self) -> None:
+        config = self.workdir / "mosquitto.conf"
+        config.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
+        )
+        self.process = subprocess.Popen(
+            [MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"mosquitto did not listen on {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def restart(self, down_s: float = 0.5) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def start_mosquitto() -> Iterator[Any]:
+    """Factory: start_mosquitto() -> Mosquitto (stopped at the end of the session)."""
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
+    brokers: list[Mosquitto] = []
+
+    def start() -> Mosquitto:
+        broker = Mosquitto(free_port(), Path(tempfile.mkdtemp(prefix="mosquitto-")))
+        broker.start()
+        brokers.append(broker)
+        return broker
+
+    yield start
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto(start_mosquitto: Any) -> Mosquitto:
+    broker: Mosquitto = start_mosquitto()
+    return broker
+
+
+@asynccontextmanager
+async def start_gateway(**overrides: Any) -> AsyncIterator[GatewayServer]:
+    """A gateway with a real engine process serving random:llama on a free loopback port."""
+    settings: dict[str, Any] = {
+        "model": MODEL,
+        "dtype": "float32",  # batch-invariant enough that greedy text is reproducible
+        "port": 0,
+        "admin_token": ADMIN_TOKEN,
+        "max_num_seqs": 64,
+        "max_model_len": 512,
+        "engine_start_timeout_s": 240,
+    }
+    settings.update(overrides)
+    server = GatewayServer(GatewayConfig(**settings))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture(scope="session")
+async def gateway(mosquitto: Mosquitto) -> AsyncIterator[GatewayServer]:
+    """One served model for the session, consuming MQTT from the session broker."""
+    async with start_gateway(mqtt=f"mqtt://127.0.0.1:{mosquitto.port}") as server:
+        await asyncio.sleep(0)
+        yield server
