@@ -56,7 +56,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="also run exhaustive search and report whether it agrees",
+        help="also run exhaustive search and report whether it agrees (per scenario "
+        "with --reproduce-paper)",
     )
     parser.add_argument(
         "--json",
@@ -213,7 +214,7 @@ def _plan_text(plan: Plan, baseline: Plan | None, verified: bool | None) -> str:
 def _reproduce(args: argparse.Namespace) -> int:
     from adaptive.reproduce import format_table, run_matrix, summary
 
-    rows = run_matrix(args.profile_set, scale_compute=not args.h100_compute)
+    rows = run_matrix(args.profile_set, scale_compute=not args.h100_compute, verify=args.verify)
     print(format_table(rows))
     if args.json:
         payload = {"rows": [r.to_json() for r in rows], "summary": summary(rows)}

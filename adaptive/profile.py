@@ -224,9 +224,15 @@ def _fill_grid(grid: FloatArray) -> FloatArray:
         out[:, j] = _fill_line(out[:, j])
     for i in range(out.shape[0]):
         out[i, :] = _fill_line(out[i, :])
-    out = np.maximum.accumulate(out, axis=1)
+    return monotone_subadditive(out)
+
+
+def monotone_subadditive(grid: FloatArray) -> FloatArray:
+    """The cost invariants on one [batch, length] grid of ln seconds: never faster with
+    more work (running maximum along both axes), never slower per query than two half
+    batches (t(2b) <= 2 t(b)). Whatever rescales a table must restore them."""
+    out = np.maximum.accumulate(grid, axis=1)
     for i in range(1, out.shape[0]):
-        # Never faster with more work, never slower per query than two half batches.
         out[i] = np.minimum(np.maximum(out[i], out[i - 1]), out[i - 1] + math.log(2.0))
     return out
 

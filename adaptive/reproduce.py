@@ -16,6 +16,9 @@ that fit), plus none. Choices that make the comparison fair to both sides:
   CUDA-graph run lacks it), so FT runs the paper's setup: TP over a node, PP across.
 - FT picks its best batch under the bound by exhaustive search over 4, 8, ... (1-D, cheap),
   since its throughput need not rise monotonically with the batch.
+
+`verify=True` (`exegpt plan --reproduce-paper --verify`) also runs the exhaustive search
+on every scenario and counts where branch-and-bound reaches its throughput (to rounding).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ MATRIX: tuple[tuple[str, str, int, str, tuple[str, ...]], ...] = (
     ("large", "gpt3-341b", 48, "a40", ("G", "C1", "C2")),
 )
 PAPER_GAINS = {"small/mid": 2.0, "large": 3.2, "overall": 2.9}
+MATCH_REL = 1e-9  # BnB "matches" exhaustive: throughput no lower than this relative slack
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,18 @@ class Row:
     bound_s: float | None
     plan: Plan
     baseline: Plan
+    exact: Plan | None = None  # exhaustive search's plan, when verified
 
     @property
     def gain(self) -> float:
         return self.plan.prediction.throughput_req_s / self.baseline.prediction.throughput_req_s
+
+    @property
+    def matches_exhaustive(self) -> bool | None:
+        if self.exact is None:
+            return None
+        best = self.exact.prediction.throughput_req_s
+        return self.plan.prediction.throughput_req_s >= best * (1.0 - MATCH_REL)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +90,10 @@ class Row:
             "ft_schedule": self.baseline.schedule.describe(),
             "gain": self.gain,
             "solve_ms": self.plan.solve_ms,
+            "exhaustive_throughput_req_s": (
+                None if self.exact is None else self.exact.prediction.throughput_req_s
+            ),
+            "matches_exhaustive": self.matches_exhaustive,
         }
 
 
@@ -111,8 +127,11 @@ def matrix_profile(model: str, cluster: Cluster, profile_set: str, scale_compute
     return profile
 
 
-def run_matrix(profile_set: str = "h100-cudagraphs", *, scale_compute: bool = True) -> list[Row]:
-    """Every scenario of the matrix at its four bounds, on one packaged profile set."""
+def run_matrix(
+    profile_set: str = "h100-cudagraphs", *, scale_compute: bool = True, verify: bool = False
+) -> list[Row]:
+    """Every scenario of the matrix at its four bounds, on one packaged profile set; with
+    verify, each also solved by exhaustive search."""
     rows = []
     for group, model, devices, cluster_name, tasks in MATRIX:
         cluster = preset_cluster(cluster_name, devices)
@@ -123,7 +142,14 @@ def run_matrix(profile_set: str = "h100-cudagraphs", *, scale_compute: bool = Tr
             for bound in paper_bounds(sc):
                 baseline = solve_scenario(sc, bound, policies=(Policy.STATIC,), exhaustive=True)
                 plan = solve_scenario(sc, bound, policies=policies)
-                rows.append(Row(group, model, devices, cluster_name, task, bound, plan, baseline))
+                exact = (
+                    solve_scenario(sc, bound, policies=policies, exhaustive=True)
+                    if verify
+                    else None
+                )
+                rows.append(
+                    Row(group, model, devices, cluster_name, task, bound, plan, baseline, exact)
+                )
     return rows
 
 
@@ -136,6 +162,10 @@ def summary(rows: list[Row]) -> dict[str, float]:
     }
     out["overall"] = statistics.fmean(r.gain for r in rows)
     out["median_solve_ms"] = statistics.median(r.plan.solve_ms for r in rows)
+    verified = [bool(r.matches_exhaustive) for r in rows if r.exact is not None]
+    if verified:
+        out["verified"] = float(len(verified))
+        out["bnb_matches_exhaustive"] = float(sum(verified))
     return out
 
 
@@ -153,9 +183,17 @@ def format_table(rows: list[Row]) -> str:
             f"{r.baseline.prediction.throughput_req_s:>8.2f} {p.latency_s:>7.2f} "
             f"{r.plan.solve_ms:>6.1f}  {r.plan.schedule.describe()}"
         )
+        if r.exact is not None and not r.matches_exhaustive:
+            best = r.exact.prediction
+            lines[-1] += f"  EXHAUSTIVE: {best.throughput_req_s:.2f} {best.schedule.describe()}"
     stats = summary(rows)
     for group, paper in PAPER_GAINS.items():
         if group in stats:
             lines.append(f"average gain over FT, {group}: {stats[group]:.2f}x (paper: {paper}x)")
     lines.append(f"median solve time: {stats['median_solve_ms']:.2f} ms per scenario")
+    if "verified" in stats:
+        lines.append(
+            f"branch-and-bound matches exhaustive: {stats['bnb_matches_exhaustive']:.0f} of "
+            f"{stats['verified']:.0f} scenarios"
+        )
     return "\n".join(lines)

@@ -10,12 +10,23 @@ from below and its top-right corner bounds its throughput from above, so:
     toward the better feasible one; keep a child only if its bottom-left can meet the
     bound (latency + eps_L) and its top-right can beat the incumbent (throughput + eps_T).
 
-Memory overflow counts as infinite latency: it grows in the same directions. The paper's
-partial TP breaks monotonicity when searched jointly, so, as the paper does, the degree
-is fixed per run; the applied-device count is enumerated outside too (a few values).
-Every feasible point evaluated updates the incumbent, which is shared across runs, so
-later runs prune against the best schedule found so far. `exhaustive` evaluates every grid
-point of the same subproblems, for verification.
+Memory overflow counts as infinite latency: it grows in the same directions, so the
+points that fit form a staircase. The search starts from that staircase cut into bands
+whose corners all fit (`_fitting_bands`, one walk), not from the whole grid. A corner
+past memory is the model evaluated where nothing can run (RRA's decode batch reaches
+1e4-1e5 at small N_D, the profiles stop at 512); its throughput, extrapolated, fell
+below the optimum inside its block and the block was pruned (GPT-3 101B and 175B, task
+G, no bound: 40.0 and 16.6 req/s found where 51.4 and 29.4 existed). So the bounds rely on
+monotonicity only where memory fits, which the cost tables (monotone, subadditive, linear
+in batch past the grid) guarantee; `exegpt plan --reproduce-paper --verify` checks all
+96 reproduction scenarios against `exhaustive`. eps_L and eps_T (TOLERANCE) only widen
+what is explored.
+
+The paper's partial TP breaks monotonicity when searched jointly, so, as the paper does,
+the degree is fixed per run; the applied-device count is enumerated outside too (a few
+values). Every feasible point evaluated updates the incumbent, which is shared across
+runs, so later runs prune against the best schedule found so far. `exhaustive` evaluates
+every grid point of the same subproblems, for verification.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from adaptive.cluster import Cluster
@@ -225,10 +236,10 @@ class _Search:
                 memo[(i, j)] = self.perf(sub, i, j)
             return memo[(i, j)]
 
-        hi = (len(sub.axis1) - 1, len(sub.axis2) - 1)
         if not _meets(perf(0, 0)[1], self.slo * (1 + self.tol)):
-            return  # even the lowest-latency corner misses the bound
-        heap = [(-perf(*hi)[0], (0, 0), hi)]
+            return  # even the lowest-latency corner misses the bound (or does not fit)
+        heap = [(-perf(*hi)[0], lo, hi) for lo, hi in _fitting_bands(sub, perf)]
+        heapq.heapify(heap)
         while heap:
             neg_upper, lo, top = heapq.heappop(heap)
             if -neg_upper * (1 + self.tol) < self.incumbent:
@@ -249,6 +260,39 @@ class _Search:
 
 
 Corner = tuple[int, int]
+
+
+def _fitting_bands(
+    sub: Subproblem, perf: Callable[[int, int], tuple[float, float]]
+) -> list[tuple[Corner, Corner]]:
+    """The grid points that fit in memory, as disjoint full-width bands of axis-2 rows.
+
+    Memory grows along both axes, so the points that fit form a staircase: row j fits up
+    to axis-1 index f[j], f non-increasing in j. One walk down from the top row finds f
+    (at most len1 + len2 calls, the cheap small-N_D rows first); rows with equal f make
+    one band [0, f] x [j_lo, j_hi], whose every corner fits:
+
+        j  . . . . x x      x: over memory
+        |  . . . . x x      bands: the bottom row (f = 5), the top two (f = 3)
+        |  . . . . . .
+        +------------ i
+    """
+    top = len(sub.axis2) - 1
+    f = [-1] * (top + 1)
+    i = -1
+    for j in range(top, -1, -1):
+        while i + 1 < len(sub.axis1) and not math.isinf(perf(i + 1, j)[1]):
+            i += 1
+        f[j] = i
+    bands: list[tuple[Corner, Corner]] = []
+    for j in range(top + 1):
+        if f[j] < 0:
+            break
+        if bands and bands[-1][1][0] == f[j]:
+            bands[-1] = (bands[-1][0], (f[j], j))
+        else:
+            bands.append(((0, j), (f[j], j)))
+    return bands
 
 
 def _meets(latency: float, bound: float) -> bool:

@@ -74,10 +74,21 @@ INFEASIBLE = (0.0, math.inf, 0.0, math.inf, 0.0)
 
 @jit
 def layer_time(tables: Arr, axes: Arr, kind: int, k: int, batch: float, length: float) -> float:
-    """Bilinear interpolation of ln t over (log2 batch, log2 length); linear beyond."""
+    """Bilinear interpolation of ln t over (log2 batch, log2 length).
+
+    Past the last profiled batch the time grows with the work, t(b) = t(b_max) * b / b_max
+    (slope 1 in log-log, the rule profile loading fills holes with): the layer is compute-
+    or bandwidth-bound there, and a batch never costs more than its halves run one after
+    the other. Extrapolating the last segment's slope instead carried one segment's
+    slope over many doublings (RRA decode batches reach 1e4 at small N_D; 1.4 per doubling
+    on roofline-scaled A100 tables gave throughput falling with B_E). Below the first
+    batch: flat. Lengths: the last segment's slope.
+    """
     nb = tables.shape[2]
     nl = tables.shape[3]
     x = math.log2(max(batch, 1.0)) - axes[0]
+    beyond = max(x - (nb - 1), 0.0)  # doublings past the grid, each doubling the time
+    x -= beyond
     y = math.log2(max(length, 1.0)) - axes[1]
     i = min(max(math.floor(x), 0), nb - 2)
     j = min(max(math.floor(y), 0), nl - 2)
@@ -90,7 +101,8 @@ def layer_time(tables: Arr, axes: Arr, kind: int, k: int, batch: float, length: 
         + (1 - fx) * fy * t[i, j + 1]
         + fx * fy * t[i + 1, j + 1]
     )
-    return math.exp(v)
+    scale: float = 2.0**beyond
+    return math.exp(v) * scale
 
 
 @jit

@@ -41,6 +41,16 @@ def test_interpolation_hits_measured_points_and_is_monotone(opt13b: Profile) -> 
     assert all(np.diff(per_query) <= 1e-15)
 
 
+def test_batches_past_the_grid_cost_their_work(opt13b: Profile) -> None:
+    """Past the last profiled batch (512) time grows with the batch, slope 1 in log-log:
+    RRA's steady decode batch can reach 1e4 at small N_D."""
+    last = opt13b.layer_time_s("decode", 2, 512, 700)
+    for factor in (1.5, 4.0, 32.0):
+        assert opt13b.layer_time_s("decode", 2, 512 * factor, 700) == pytest.approx(
+            factor * last, rel=1e-12
+        )
+
+
 def test_engine_profile_with_extra_keys(tmp_path: Path) -> None:
     raw = dict(SHARED_FORMAT, weight_bytes=1234.0, kv_bytes_per_token=56.0)
     raw["device_memory_bytes"] = 8e9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from adaptive.cluster import DEVICES, preset_cluster
@@ -28,6 +29,17 @@ def test_on_device_scales_by_the_bound_resource(graphs13b: Profile) -> None:
     # A long prefill is matrix products: it slows by the compute ratio.
     big = moved.layer_time_s("encode", 4, 64, 1024) / graphs13b.layer_time_s("encode", 4, 64, 1024)
     assert big == pytest.approx(compute, rel=0.02)
+
+
+@pytest.mark.parametrize("model", ["gpt3-101b", "gpt3-175b"])
+@pytest.mark.parametrize("card", ["a100", "a40"])
+def test_on_device_keeps_the_cost_invariants(model: str, card: str) -> None:
+    """Rescaled tables stay monotone and subadditive in batch: the A100 turns
+    compute-bound before the H100, which uncorrected made one doubling cost 2.6x."""
+    moved = on_device(load_profile(f"h100-cudagraphs/{model}"), DEVICES["h100"], DEVICES[card])
+    steps = np.diff(moved.tables, axis=2)  # [kind, tp, batch - 1, length] ln-time steps
+    assert (steps >= 0).all() and (steps <= np.log(2.0) + 1e-12).all()
+    assert (np.diff(moved.tables, axis=3) >= 0).all()
 
 
 def test_with_degree_halves_the_shard_time(graphs13b: Profile) -> None:
