@@ -7,6 +7,7 @@ assembles the parser and turns expected failures into one line on stderr and sta
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable
@@ -55,35 +56,17 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from gateway.cli import add_serve_arguments, run_serve
-
-    parser = sub.add_parser("serve", help="serve a model over HTTP (OpenAI API) and MQTT")
-    add_serve_arguments(parser)
-    parser.set_defaults(run=run_serve)
-
-
-def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from adaptive.cli import add_plan_arguments, run_plan
-
-    parser = sub.add_parser("plan", help="choose the best schedule under a latency bound")
-    add_plan_arguments(parser)
-    parser.set_defaults(run=run_plan)
-
-
-def _add_profile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from engine.profiler import add_profile_arguments, run_profile
-
-    parser = sub.add_parser("profile", help="measure encode/decode layer times on this device")
-    add_profile_arguments(parser)
-    parser.set_defaults(run=run_profile)
-
-
-def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from engine.bench import add_bench_arguments
-
-    parser = sub.add_parser("bench", help="benchmarks (offline: the paper's method)")
-    add_bench_arguments(parser)
+# name, help, module, argument function, run function (None: the module sets `run` itself)
+SUBCOMMANDS: tuple[tuple[str, str, str, str, str | None], ...] = (
+    ("serve", "serve a model over HTTP (OpenAI API) and MQTT",
+     "gateway.cli", "add_serve_arguments", "run_serve"),
+    ("profile", "measure encode/decode layer times on this device",
+     "engine.profiler", "add_profile_arguments", "run_profile"),
+    ("plan", "choose the best schedule under a latency bound",
+     "adaptive.cli", "add_plan_arguments", "run_plan"),
+    ("bench", "benchmarks (offline: the paper's method)",
+     "engine.bench", "add_bench_arguments", None),
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_serve, _add_profile, _add_plan, _add_bench, _add_generate):
-        add(sub)
+    for name, help_text, module_name, add_name, run_name in SUBCOMMANDS:
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text)
+        getattr(module, add_name)(command)
+        if run_name is not None:
+            command.set_defaults(run=getattr(module, run_name))
+    _add_generate(sub)
     return parser
 
 
@@ -104,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # the embedded broker narrates every MQTT state change at INFO
+        for chatty in ("amqtt", "transitions"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     run: Runner = args.run
     try:
         return run(args)
