@@ -56,6 +56,11 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort"
     num_prompt_tokens: int
     num_output_tokens: int
+    # time.monotonic() stamps, for latency accounting (the paper's query latency runs from
+    # encode_start_time to the finish_time of its last token); None until they happen
+    encode_start_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -146,4 +151,7 @@ class LLMEngine:
             finish_reason=request.finish_reason,
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
+            encode_start_time=request.encode_start_time,
+            first_token_time=request.first_token_time,
+            finish_time=request.finish_time,
         )

@@ -3,8 +3,9 @@
 Typed wrappers live in `adaptive.simulator`; nothing here knows about dataclasses. One
 module per family, each taking arrays and scalars only:
 
-    cost      scenario-vector layout (S_*), layer / all-reduce / stage / pass times,
-              the RRA phase bubble; everything below builds on it
+    cost      scenario-vector layout (S_*), the parallel Layout, layer / all-reduce /
+              stage / pass times, weight bytes, the RRA phase bubble; everything below
+              builds on it
     exegpt    rra_point, waa_point: ExeGPT's policies in closed form
     baseline  static_point (FasterTransformer), continuous_point (ORCA/vLLM)
     des       rra_des, continuous_des: discrete-event checks of the closed forms

@@ -20,20 +20,18 @@ from adaptive.kernels.cost import (
     S_IN_MAX,
     S_IN_MEAN,
     S_KV_TOKEN,
-    S_L_DEC,
-    S_L_ENC,
     S_N,
     S_OUT_MAX,
     S_OUT_MEAN,
     S_OUT_TARGET,
-    S_W_DEC,
-    S_W_ENC,
-    S_W_SHARED,
     Arr,
     Point,
     jit,
+    n_stages,
     pass_time,
     phase_bubble,
+    split_devices,
+    weight_bytes,
 )
 
 
@@ -62,72 +60,34 @@ def static_point(
     that runs to the maximum output length (its bound "applies to the max length").
     """
     n = int(s[S_N])
-    n_groups = n // d if d > 1 else 0
-    n_plain = n - n_groups * d
-    t_enc = pass_time(
-        tables,
-        axes,
-        s,
-        ENCODE,
-        k1,
-        kd,
-        d,
-        n_plain,
-        n_groups,
-        s[S_L_ENC],
-        b,
-        s[S_IN_MEAN],
-        s[S_IN_MEAN],
-    )
+    lay = split_devices(k1, kd, d, n, n)
+    t_enc = pass_time(tables, axes, s, ENCODE, lay, b, s[S_IN_MEAN])
     steps = expected_batch_max(out_pmf, b)
     # Attention cost is linear in context: the mean context over a run of `steps` tokens.
     ctx_max = s[S_IN_MEAN] + s[S_OUT_MAX] / 2.0
     ctx_run = s[S_IN_MEAN] + steps / 2.0
-    dec_max = pass_time(
-        tables, axes, s, DECODE, k1, kd, d, n_plain, n_groups, s[S_L_DEC], b, ctx_max, 1.0
-    )
-    dec_run = pass_time(
-        tables, axes, s, DECODE, k1, kd, d, n_plain, n_groups, s[S_L_DEC], b, ctx_run, 1.0
-    )
+    dec_max = pass_time(tables, axes, s, DECODE, lay, b, ctx_max)
+    dec_run = pass_time(tables, axes, s, DECODE, lay, b, ctx_run)
     # Micro-batched across nodes, FT meets the same encode -> decode switch as RRA.
-    t_enc += phase_bubble(n_plain + n_groups, t_enc, dec_run)
+    t_enc += phase_bubble(n_stages(lay), t_enc, dec_run)
     latency = t_enc + s[S_OUT_MAX] * dec_max
-    weights = s[S_W_ENC] + (0.0 if s[S_W_SHARED] > 0 else s[S_W_DEC])
     kv = s[S_KV_TOKEN] * b * (s[S_IN_MAX] + s[S_OUT_MAX])  # slots preallocated at max length
-    return b / (t_enc + steps * dec_run), latency, b, (weights + kv) / n, 0.0
+    return b / (t_enc + steps * dec_run), latency, b, (weight_bytes(s) + kv) / n, 0.0
 
 
 @jit
 def continuous_point(tables: Arr, axes: Arr, s: Arr, k1: int, kd: int, d: int, b: int) -> Point:
     """ORCA/vLLM-like: b running queries; each iteration prefills the b / S_D that joined."""
     n = int(s[S_N])
-    n_groups = n // d if d > 1 else 0
-    n_plain = n - n_groups * d
+    lay = split_devices(k1, kd, d, n, n)
     joined = b / s[S_OUT_MEAN]
-    t_dec = pass_time(
-        tables, axes, s, DECODE, k1, kd, d, n_plain, n_groups, s[S_L_DEC], b, s[S_CTX_MEAN], 1.0
-    )
+    t_dec = pass_time(tables, axes, s, DECODE, lay, b, s[S_CTX_MEAN])
     # Joins per iteration are ~Poisson(joined); prefill costs E[t(X); X > 0].
     t_enc = 0.0
     pmf = math.exp(-joined)
     for x in range(1, int(joined + 6.0 * math.sqrt(joined) + 10.0)):
         pmf *= joined / x
-        t_enc += pmf * pass_time(
-            tables,
-            axes,
-            s,
-            ENCODE,
-            k1,
-            kd,
-            d,
-            n_plain,
-            n_groups,
-            s[S_L_ENC],
-            x,
-            s[S_IN_MEAN],
-            s[S_IN_MEAN],
-        )
+        t_enc += pmf * pass_time(tables, axes, s, ENCODE, lay, x, s[S_IN_MEAN])
     iteration = t_dec + t_enc
-    weights = s[S_W_ENC] + (0.0 if s[S_W_SHARED] > 0 else s[S_W_DEC])
     kv = s[S_KV_TOKEN] * b * s[S_CTX_MEAN]  # paged: only live tokens
-    return joined / iteration, s[S_OUT_TARGET] * iteration, b, (weights + kv) / n, 0.0
+    return joined / iteration, s[S_OUT_TARGET] * iteration, b, (weight_bytes(s) + kv) / n, 0.0

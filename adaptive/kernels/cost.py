@@ -32,6 +32,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 Arr = npt.NDArray[np.float64]
 IArr = npt.NDArray[np.int64]
 Point = tuple[float, float, float, float, float]
+# Parallel layout: (k1, kd, d, n_plain, n_groups), the tables' TP index for plain stages
+# and for TP groups, the TP degree d, plain stages, TP groups of d devices.
+Layout = tuple[int, int, int, int, int]
 
 
 def jit(fn: F) -> F:
@@ -115,22 +118,30 @@ def allreduce_time(s: Arr, nbytes: float, d: int) -> float:
 
 
 @jit
+def split_devices(k1: int, kd: int, d: int, n: int, g: int) -> Layout:
+    """The layout of n devices, g of them in TP groups of degree d, the rest plain stages."""
+    n_groups = g // d if d > 1 else 0
+    return k1, kd, d, n - n_groups * d, n_groups
+
+
+@jit
+def n_stages(lay: Layout) -> int:
+    """Pipeline stages P: plain stages plus TP groups."""
+    return lay[3] + lay[4]
+
+
+@jit
 def stage_time(
-    tables: Arr,
-    axes: Arr,
-    s: Arr,
-    kind: int,
-    k1: int,
-    kd: int,
-    d: int,
-    n_plain: int,
-    n_groups: int,
-    layers: float,
-    b: float,
-    length: float,
-    tokens: float,
+    tables: Arr, axes: Arr, s: Arr, kind: int, lay: Layout, b: float, length: float
 ) -> float:
-    """Slowest stage's time for a mini-batch of b queries of `tokens` new tokens each."""
+    """Slowest stage's time for a mini-batch of b queries at `length` tokens of context.
+
+    An encode stage runs the encode layers over all `length` prompt tokens; a decode stage
+    the decode layers over one new token per query.
+    """
+    k1, kd, d, n_plain, n_groups = lay
+    layers = s[S_L_ENC] if kind == ENCODE else s[S_L_DEC]
+    tokens = length if kind == ENCODE else 1.0
     n_dev = n_plain + n_groups * d
     nbytes = b * tokens * s[S_HIDDEN] * 2.0
     per_device = layers / n_dev
@@ -151,25 +162,18 @@ def stage_time(
 
 @jit
 def pass_time(
-    tables: Arr,
-    axes: Arr,
-    s: Arr,
-    kind: int,
-    k1: int,
-    kd: int,
-    d: int,
-    n_plain: int,
-    n_groups: int,
-    layers: float,
-    batch: float,
-    length: float,
-    tokens: float,
+    tables: Arr, axes: Arr, s: Arr, kind: int, lay: Layout, batch: float, length: float
 ) -> float:
     """All `batch` queries through every layer once, as P pipelined mini-batches."""
-    p = n_plain + n_groups
-    return p * stage_time(
-        tables, axes, s, kind, k1, kd, d, n_plain, n_groups, layers, batch / p, length, tokens
-    )
+    p = n_stages(lay)
+    return p * stage_time(tables, axes, s, kind, lay, batch / p, length)
+
+
+@jit
+def weight_bytes(s: Arr) -> float:
+    """Weights of the whole model, the shared layers counted once (decoder-only)."""
+    shared: float = 0.0 if s[S_W_SHARED] > 0 else s[S_W_DEC]
+    return float(s[S_W_ENC]) + shared
 
 
 @jit

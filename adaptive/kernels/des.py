@@ -9,15 +9,56 @@ import numpy as np
 from adaptive.kernels.cost import (
     DECODE,
     ENCODE,
-    S_L_DEC,
-    S_L_ENC,
     S_N,
     Arr,
     IArr,
     jit,
+    n_stages,
     pass_time,
     phase_bubble,
+    split_devices,
 )
+
+
+@jit
+def mean_context(context: Arr, live: IArr, n_live: int) -> float:
+    """Mean context of the running queries live[:n_live]."""
+    total = 0.0
+    for a in range(n_live):
+        total += context[live[a]]
+    return total / n_live
+
+
+@jit
+def retire(
+    live: IArr, n_live: int, remaining: IArr, context: Arr, latency: Arr, start: Arr, clock: float
+) -> int:
+    """Advance every running query one token; drop the finished ones, recording latency.
+
+    A finished query's slot takes the last running one, so live[:n_live] stays packed. Returns
+    the number still running.
+    """
+    a = 0
+    while a < n_live:
+        q = live[a]
+        remaining[q] -= 1
+        context[q] += 1.0
+        if remaining[q] == 0:
+            latency[q] = clock - start[q]
+            n_live -= 1
+            live[a] = live[n_live]
+        else:
+            a += 1
+    return n_live
+
+
+@jit
+def summary(latency: Arr, n_done: int, elapsed: float, batch_sum: float, steps: int) -> Arr:
+    """[queries/s, mean batch, p99 latency, measured steps] over the measured steps."""
+    lat = latency[~np.isnan(latency)]
+    p99 = np.quantile(lat, 0.99) if lat.size else math.inf
+    rate = n_done / elapsed if elapsed > 0.0 else 0.0
+    return np.array([rate, batch_sum / max(steps, 1), p99, float(steps)])
 
 
 @jit
@@ -41,12 +82,11 @@ def rra_des(
     measured cycles], over the cycles after `warmup` (the start fills an empty batch).
     """
     n = int(s[S_N])
-    n_groups = g // d if d > 1 else 0
-    n_plain = n - n_groups * d
+    lay = split_devices(k1, kd, d, n, g)
     n_q = in_lens.size
     live = np.empty(n_q, np.int64)  # ids of running queries, live[:n_live]
     remaining = out_lens.copy()
-    ctx = in_lens.astype(np.float64)
+    context = in_lens.astype(np.float64)
     start = np.zeros(n_q)
     latency = np.full(n_q, np.nan)
     n_live, nxt, cycle, clock = 0, 0, 0, 0.0
@@ -62,66 +102,23 @@ def rra_des(
             in_sum += in_lens[nxt]
             n_live += 1
             nxt += 1
-        t_enc = pass_time(
-            tables,
-            axes,
-            s,
-            ENCODE,
-            k1,
-            kd,
-            d,
-            n_plain,
-            n_groups,
-            s[S_L_ENC],
-            b_e,
-            in_sum / b_e,
-            in_sum / b_e,
-        )
+        t_enc = pass_time(tables, axes, s, ENCODE, lay, b_e, in_sum / b_e)
         clock += t_enc
         if cycle >= warmup:
             batch_sum += n_live
         for it in range(n_d):
             if n_live == 0:
                 break
-            ctx_sum = 0.0
-            for a in range(n_live):
-                ctx_sum += ctx[live[a]]
-            t_dec = pass_time(
-                tables,
-                axes,
-                s,
-                DECODE,
-                k1,
-                kd,
-                d,
-                n_plain,
-                n_groups,
-                s[S_L_DEC],
-                n_live,
-                ctx_sum / n_live,
-                1.0,
-            )
+            ctx = mean_context(context, live, n_live)
+            t_dec = pass_time(tables, axes, s, DECODE, lay, n_live, ctx)
             clock += t_dec
             if it == 0:
-                clock += phase_bubble(n_plain + n_groups, t_enc, t_dec)
-            a = 0
-            while a < n_live:
-                q = live[a]
-                remaining[q] -= 1
-                ctx[q] += 1.0
-                if remaining[q] == 0:
-                    latency[q] = clock - start[q]
-                    n_done += 1
-                    n_live -= 1
-                    live[a] = live[n_live]
-                else:
-                    a += 1
+                clock += phase_bubble(n_stages(lay), t_enc, t_dec)
+            left = retire(live, n_live, remaining, context, latency, start, clock)
+            n_done += n_live - left
+            n_live = left
         cycle += 1
-    measured = max(cycle - warmup, 1)
-    lat = latency[~np.isnan(latency)]
-    p99 = np.quantile(lat, 0.99) if lat.size else math.inf
-    rate = (n_done - done0) / (clock - t0) if clock > t0 else 0.0
-    return np.array([rate, batch_sum / measured, p99, float(cycle - warmup)])
+    return summary(latency, n_done - done0, clock - t0, batch_sum, cycle - warmup)
 
 
 @jit
@@ -142,12 +139,11 @@ def continuous_des(
     Returns [queries/s, mean running batch, p99 latency, measured iterations].
     """
     n = int(s[S_N])
-    n_groups = n // d if d > 1 else 0
-    n_plain = n - n_groups * d
+    lay = split_devices(k1, kd, d, n, n)
     n_q = in_lens.size
     live = np.empty(n_q, np.int64)
     remaining = out_lens.copy()
-    ctx = in_lens.astype(np.float64)
+    context = in_lens.astype(np.float64)
     start = np.zeros(n_q)
     latency = np.full(n_q, np.nan)
     n_live, nxt, it, clock = 0, 0, 0, 0.0
@@ -164,56 +160,13 @@ def continuous_des(
             nxt += 1
             joined += 1
         if joined > 0:
-            clock += pass_time(
-                tables,
-                axes,
-                s,
-                ENCODE,
-                k1,
-                kd,
-                d,
-                n_plain,
-                n_groups,
-                s[S_L_ENC],
-                joined,
-                in_sum / joined,
-                in_sum / joined,
-            )
-        ctx_sum = 0.0
-        for a in range(n_live):
-            ctx_sum += ctx[live[a]]
-        clock += pass_time(
-            tables,
-            axes,
-            s,
-            DECODE,
-            k1,
-            kd,
-            d,
-            n_plain,
-            n_groups,
-            s[S_L_DEC],
-            n_live,
-            ctx_sum / n_live,
-            1.0,
-        )
+            clock += pass_time(tables, axes, s, ENCODE, lay, joined, in_sum / joined)
+        ctx = mean_context(context, live, n_live)
+        clock += pass_time(tables, axes, s, DECODE, lay, n_live, ctx)
         if it >= warmup:
             batch_sum += n_live
-        a = 0
-        while a < n_live:
-            q = live[a]
-            remaining[q] -= 1
-            ctx[q] += 1.0
-            if remaining[q] == 0:
-                latency[q] = clock - start[q]
-                n_done += 1
-                n_live -= 1
-                live[a] = live[n_live]
-            else:
-                a += 1
+        left = retire(live, n_live, remaining, context, latency, start, clock)
+        n_done += n_live - left
+        n_live = left
         it += 1
-    measured = max(it - warmup, 1)
-    lat = latency[~np.isnan(latency)]
-    p99 = np.quantile(lat, 0.99) if lat.size else math.inf
-    rate = (n_done - done0) / (clock - t0) if clock > t0 else 0.0
-    return np.array([rate, batch_sum / measured, p99, float(it - warmup)])
+    return summary(latency, n_done - done0, clock - t0, batch_sum, it - warmup)

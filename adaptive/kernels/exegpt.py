@@ -20,14 +20,16 @@ from adaptive.kernels.cost import (
     S_OUT_TARGET,
     S_W_DEC,
     S_W_ENC,
-    S_W_SHARED,
     Arr,
     Point,
     jit,
     layer_time,
+    n_stages,
     pass_time,
     phase_bubble,
+    split_devices,
     stage_time,
+    weight_bytes,
 )
 
 
@@ -52,8 +54,7 @@ def rra_point(
     its last. Little's law: B_D = B_E * E[c]. The paper: B_D = B_E / E[1/c] (smaller).
     """
     n = int(s[S_N])
-    n_groups = g // d if d > 1 else 0
-    n_plain = n - n_groups * d
+    lay = split_devices(k1, kd, d, n, g)
     done = np.zeros(n_d + 1)  # done[u]: fraction completing at iteration u, per cycle
     done_paper = np.zeros(n_d + 1)
     e_cycles = 0.0
@@ -71,52 +72,23 @@ def rra_point(
     target = int(s[S_OUT_TARGET])
     k = (target + n_d - 1) // n_d
     r = target - (k - 1) * n_d
-    t_enc = pass_time(
-        tables,
-        axes,
-        s,
-        ENCODE,
-        k1,
-        kd,
-        d,
-        n_plain,
-        n_groups,
-        s[S_L_ENC],
-        b_e,
-        s[S_IN_MEAN],
-        s[S_IN_MEAN],
-    )
+    t_enc = pass_time(tables, axes, s, ENCODE, lay, b_e, s[S_IN_MEAN])
     cycle = t_enc
     partial = 0.0
     alive = b_d
     bubble = 0.0
     for u in range(1, n_d + 1):
-        t_u = pass_time(
-            tables,
-            axes,
-            s,
-            DECODE,
-            k1,
-            kd,
-            d,
-            n_plain,
-            n_groups,
-            s[S_L_DEC],
-            max(alive, 1.0),
-            s[S_CTX_MEAN],
-            1.0,
-        )
+        t_u = pass_time(tables, axes, s, DECODE, lay, max(alive, 1.0), s[S_CTX_MEAN])
         if u == 1:
-            bubble = phase_bubble(n_plain + n_groups, t_enc, t_u)
+            bubble = phase_bubble(n_stages(lay), t_enc, t_u)
         cycle += t_u
         if u <= r:
             partial += t_u
         alive -= b_d * done_paper[u] if paper else b_e * done[u]
     cycle += bubble
     latency = t_enc + bubble + (k - 1) * cycle + partial
-    weights = s[S_W_ENC] + (0.0 if s[S_W_SHARED] > 0 else s[S_W_DEC])
     kv = s[S_KV_TOKEN] * (b_d * s[S_CTX_MEAN] + b_e * s[S_IN_MEAN])
-    return b_e / cycle, latency, b_d, (weights + kv) / n, 0.0
+    return b_e / cycle, latency, b_d, (weight_bytes(s) + kv) / n, 0.0
 
 
 @jit
@@ -156,38 +128,12 @@ def waa_point(
     p_e = n_e // d
     p_d = n_dd // d
     tp = 1 if d > 1 else 0
-    stage_e = stage_time(
-        tables,
-        axes,
-        s,
-        ENCODE,
-        k1,
-        kd,
-        d,
-        p_e * (1 - tp),
-        p_e * tp,
-        s[S_L_ENC],
-        b_e,
-        s[S_IN_MEAN],
-        s[S_IN_MEAN],
-    )
+    lay_e = (k1, kd, d, p_e * (1 - tp), p_e * tp)
+    lay_d = (k1, kd, d, p_d * (1 - tp), p_d * tp)
+    stage_e = stage_time(tables, axes, s, ENCODE, lay_e, b_e, s[S_IN_MEAN])
     m_eff = min(m, p_d)
     groups = (p_d + m_eff - 1) // m_eff
-    stage_d = stage_time(
-        tables,
-        axes,
-        s,
-        DECODE,
-        k1,
-        kd,
-        d,
-        p_d * (1 - tp),
-        p_d * tp,
-        s[S_L_DEC],
-        b_d / m_eff,
-        s[S_CTX_MEAN],
-        1.0,
-    )
+    stage_d = stage_time(tables, axes, s, DECODE, lay_d, b_d / m_eff, s[S_CTX_MEAN])
     period = max(m_eff * stage_d, stage_e)
     per_token = groups * period
     handover = 2.0 * b_e * s[S_IN_MEAN] * s[S_KV_TOKEN] / s[S_HOST_BW]

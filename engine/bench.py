@@ -1,0 +1,246 @@
+"""`exegpt bench`: benchmark programs that print tables and write JSON.
+
+`offline` is the paper's evaluation method (engine/bench_offline.py) with Hugging Face
+`generate` as an external reference (engine/bench_hf.py). The other subcommands belong to
+later issues and say so instead of pretending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from engine.bench_hf import run_hf_static, warm_up_hf
+from engine.bench_offline import (
+    ENGINE_POLICIES,
+    FULL_GRID,
+    QUICK_GRID,
+    KnobGrid,
+    RunResult,
+    knob_settings,
+    latency_bounds,
+    make_engine,
+    run_engine,
+    selection_records,
+)
+from engine.model_loader import load_model
+from engine.workloads import Query, make_prompts, read_lengths, task_queries
+
+logger = logging.getLogger(__name__)
+
+POLICIES = (*ENGINE_POLICIES, "hf")
+LATER = {
+    "serve": "online serving benchmark against a running gateway",
+    "compare": "side-by-side comparison with peer engines",
+    "fidelity": "simulator predictions versus measured runs",
+    "drift": "adaptation to a changing length distribution",
+}
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine.cli import add_model_arguments
+
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    offline = sub.add_parser("offline", help="the paper's method: best throughput per bound")
+    add_model_arguments(offline)
+    offline.add_argument(
+        "--tasks",
+        default="S,C1",
+        help="paper tasks, comma-separated (S,T,G,C1,C2); ignored with --lengths",
+    )
+    offline.add_argument(
+        "--lengths",
+        type=Path,
+        default=None,
+        help="JSONL of {prompt_len, output_len} instead of a paper task",
+    )
+    offline.add_argument("--num-queries", type=int, default=96)
+    offline.add_argument("--seed", type=int, default=0)
+    offline.add_argument(
+        "--scale", type=float, default=1.0, help="multiply all lengths (e.g. 0.25 for a quick run)"
+    )
+    offline.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help=f"comma-separated subset of {','.join(POLICIES)}",
+    )
+    offline.add_argument("--quick", action="store_true", help="a small knob grid")
+    offline.add_argument("--json", type=Path, default=None, help="write records here")
+    offline.add_argument(
+        "--num-threads", type=int, default=None, help="torch threads (default: all cores)"
+    )
+    offline.set_defaults(run=run_offline)
+    for name, purpose in LATER.items():
+        later = sub.add_parser(name, help=f"{purpose} (not implemented yet)")
+        later.set_defaults(run=_not_implemented)
+
+
+def _not_implemented(args: argparse.Namespace) -> int:
+    print(
+        f"exegpt bench {args.bench}: not implemented yet ({LATER[args.bench]}; a later issue)",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _workloads(args: argparse.Namespace) -> list[tuple[str, list[Query]]]:
+    if args.lengths is not None:
+        return [(args.lengths.stem, read_lengths(args.lengths, args.scale))]
+    tasks = [t.strip().upper() for t in args.tasks.split(",") if t.strip()]
+    return [(t, task_queries(t, args.num_queries, args.seed, args.scale)) for t in tasks]
+
+
+def _policies(text: str) -> list[str]:
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(POLICIES))
+    if unknown or not chosen:
+        raise ValueError(f"unknown policies {unknown}; choose from {','.join(POLICIES)}")
+    return chosen
+
+
+def run_offline(args: argparse.Namespace) -> int:
+    policies = _policies(args.policies)
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    loaded = load_model(args.model, args.dtype)
+    workloads = _workloads(args)
+    report: dict[str, Any] = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "quick": args.quick,
+        "seed": args.seed,
+        "scale": args.scale,
+        "tasks": {},
+    }
+    records: list[dict[str, Any]] = []
+    runs: list[RunResult] = []
+    for task, queries in workloads:
+        prompts = make_prompts(queries, loaded.vocab_size, args.seed)
+        task_runs = sweep(
+            loaded, task, queries, prompts, policies, grid, num_threads=args.num_threads
+        )
+        bounds = latency_bounds(task_runs)
+        names = [("hf_generate" if p == "hf" else p) for p in policies]
+        task_records = selection_records(task_runs, bounds, task, names)
+        print_task_table(task, queries, task_records, task_runs)
+        records += task_records
+        runs += task_runs
+        report["tasks"][task] = {"bounds_s": {b.label: b.latency_s for b in bounds}}
+    if args.json is not None:
+        report |= {"records": records, "runs": [r.summary() for r in runs]}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def sweep(
+    loaded: Any,
+    task: str,
+    queries: Sequence[Query],
+    prompts: Sequence[list[int]],
+    policies: Sequence[str],
+    grid: KnobGrid,
+    *,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> list[RunResult]:
+    """Every knob setting of every chosen policy, plus static's bound-setting batch sizes."""
+    plan = [(p, k) for p in ENGINE_POLICIES if p in policies for k in knob_settings(p, grid)]
+    if "static" not in policies:  # the bounds always come from static batching
+        plan = [("static", k) for k in knob_settings("static", QUICK_GRID)] + plan
+    if "hf" in policies:
+        plan += [("hf", {"batch_size": b}) for b in grid.static]
+    engine = make_engine(loaded, queries, grid.max_batch, num_threads)
+    warm = min(8, len(queries))  # one-time kernel setup must not land in a measured run
+    run_engine(
+        engine,
+        task,
+        "continuous",
+        {"max_batch": warm},
+        queries[:warm],
+        prompts[:warm],
+        f"{task}-warmup",
+    )
+    if "hf" in policies:
+        warm_up_hf(loaded, prompts)
+    results = []
+    for number, (policy, knobs) in enumerate(
+        tqdm(plan, desc=f"bench {task}", disable=not progress)
+    ):
+        if policy == "hf":
+            result = run_hf_static(loaded, task, knobs["batch_size"], queries, prompts)
+        else:
+            result = run_engine(engine, task, policy, knobs, queries, prompts, f"{task}-{number}")
+        logger.info(
+            "%s %s %s: %.3f req/s, p99 %.2f s",
+            task,
+            result.policy,
+            result.knobs,
+            result.throughput_req_s,
+            result.latency_percentile_s(99),
+        )
+        results.append(result)
+    return results
+
+
+# -- output ------------------------------------------------------------------------------
+def _knobs_text(knobs: dict[str, int] | None) -> str:
+    if knobs is None:
+        return "NS"
+    short = {"batch_size": "B", "max_batch": "max", "encode_batch": "B_E", "decode_iters": "N_D"}
+    return " ".join(f"{short.get(k, k)}={v}" for k, v in knobs.items())
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_task_table(
+    task: str,
+    queries: Sequence[Query],
+    records: Sequence[dict[str, Any]],
+    runs: Sequence[RunResult],
+) -> None:
+    mean_in = sum(q.prompt_len for q in queries) / len(queries)
+    mean_out = sum(q.output_len for q in queries) / len(queries)
+    print(
+        f"\ntask {task}: {len(queries)} queries, mean prompt {mean_in:.0f}, "
+        f"mean output {mean_out:.0f} tokens"
+    )
+    print(
+        f"{'bound':>5} {'L_B (s)':>8} {'policy':<12} {'knobs':<22} {'req/s':>7} "
+        f"{'tok/s':>7} {'p50 (s)':>8} {'p99 (s)':>8} {'x static':>8}"
+    )
+    static = {r["bound"]: r["throughput_req_s"] for r in records if r["policy"] == "static"}
+    for r in sorted(
+        records, key=lambda r: (r["latency_bound_s"] is None, r["latency_bound_s"] or 0.0)
+    ):
+        base = static.get(r["bound"])
+        ratio = r["throughput_req_s"] / base if base and r["throughput_req_s"] else None
+        print(
+            f"{r['bound']:>5} {_num(r['latency_bound_s']):>8} {r['policy']:<12} "
+            f"{_knobs_text(r['knobs']):<22} {_num(r['throughput_req_s']):>7} "
+            f"{_num(r['throughput_tok_s'], 1):>7} {_num(r['p50_latency_s']):>8} "
+            f"{_num(r['p99_latency_s']):>8} {_num(ratio):>8}"
+        )
+    _print_hf_comparison(runs)
+
+
+def _print_hf_comparison(runs: Sequence[RunResult]) -> None:
+    """Static batching against Hugging Face `generate` at equal batch size."""
+    hf = {run.knobs["batch_size"]: run for run in runs if run.policy == "hf_generate"}
+    for run in runs:
+        ref = hf.get(run.knobs.get("batch_size", -1)) if run.policy == "static" else None
+        if ref is not None:
+            print(
+                f"  static vs HF generate at batch {run.knobs['batch_size']}: "
+                f"{run.throughput_req_s:.2f} vs {ref.throughput_req_s:.2f} req/s "
+                f"({run.throughput_req_s / ref.throughput_req_s:.2f}x)"
+            )

@@ -1,0 +1,246 @@
+"""The paper's offline evaluation (section 7.1) on this machine.
+
+All queries of a workload are present at time zero; each policy runs them to completion
+once per knob setting. A query's latency runs from the start of its encoding to its last
+token (so queueing before the first scheduling is not counted, as in the paper); throughput
+is queries (and output tokens) over the run's makespan. The latency bounds are the 10th,
+30th and 70th percentiles of static batching's p99 latencies over batch sizes 4, 8, 16, 32,
+plus unbounded; for each policy and bound the best throughput whose p99 meets the bound
+is reported, or nothing ("NS", not satisfiable) when no setting meets it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from adaptive.schedule import Policy, Schedule
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.model_loader import LoadedModel
+from engine.sampling import SamplingParams
+from engine.workloads import Query
+
+logger = logging.getLogger(__name__)
+
+BOUND_BATCHES = (4, 8, 16, 32)  # static batch sizes the bounds are derived from
+BOUND_PERCENTILES = (10, 30, 70)
+ENGINE_POLICIES = ("static", "continuous", "rra")
+
+
+@dataclass(frozen=True)
+class KnobGrid:
+    static: tuple[int, ...]  # batch sizes (must include BOUND_BATCHES)
+    continuous: tuple[int, ...]  # max running batch
+    rra: tuple[tuple[int, int], ...]  # (B_E, N_D)
+    rra_max_batch: int  # cap on RRA's running decode batch
+
+    def __post_init__(self) -> None:
+        missing = set(BOUND_BATCHES) - set(self.static)
+        if missing:
+            raise ValueError(f"static batch sizes must include {sorted(missing)} (bounds)")
+
+    @property
+    def max_batch(self) -> int:
+        return max(*self.static, *self.continuous, self.rra_max_batch)
+
+
+FULL_GRID = KnobGrid(
+    static=(4, 8, 16, 32, 64),
+    continuous=(4, 8, 16, 32, 64),
+    rra=tuple((be, nd) for be in (4, 8, 16, 32) for nd in (4, 8, 16, 32)),
+    rra_max_batch=64,
+)
+QUICK_GRID = KnobGrid(
+    static=BOUND_BATCHES,
+    continuous=(16, 32),
+    rra=((8, 4), (8, 16), (32, 4), (32, 16)),
+    rra_max_batch=32,
+)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One policy with one knob setting, run over the whole workload."""
+
+    policy: str  # static | continuous | rra | hf_generate
+    task: str
+    knobs: dict[str, int]
+    latencies_s: tuple[float, ...] = field(repr=False)
+    makespan_s: float
+    num_output_tokens: int
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.latencies_s)
+
+    @property
+    def throughput_req_s(self) -> float:
+        return self.num_requests / self.makespan_s
+
+    @property
+    def throughput_tok_s(self) -> float:
+        return self.num_output_tokens / self.makespan_s
+
+    def latency_percentile_s(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "task": self.task,
+            "knobs": dict(self.knobs),
+            "throughput_req_s": round(self.throughput_req_s, 4),
+            "throughput_tok_s": round(self.throughput_tok_s, 2),
+            "p50_latency_s": round(self.latency_percentile_s(50), 4),
+            "p99_latency_s": round(self.latency_percentile_s(99), 4),
+            "num_requests": self.num_requests,
+            "makespan_s": round(self.makespan_s, 3),
+        }
+
+
+def schedule_for(policy: str, knobs: dict[str, int]) -> Schedule:
+    if policy == "static":
+        batch = knobs["batch_size"]
+        return Schedule(Policy.STATIC, encode_batch=batch, max_batch=batch)
+    if policy == "continuous":
+        return Schedule(Policy.CONTINUOUS, encode_batch=1, max_batch=knobs["max_batch"])
+    if policy == "rra":
+        return Schedule(
+            Policy.RRA,
+            encode_batch=knobs["encode_batch"],
+            decode_iters=knobs["decode_iters"],
+            max_batch=knobs["max_batch"],
+        )
+    raise ValueError(f"unknown engine policy {policy!r}; choose from {ENGINE_POLICIES}")
+
+
+def knob_settings(policy: str, grid: KnobGrid) -> list[dict[str, int]]:
+    if policy == "static":
+        return [{"batch_size": b} for b in grid.static]
+    if policy == "continuous":
+        return [{"max_batch": m} for m in grid.continuous]
+    if policy == "rra":
+        return [
+            {"encode_batch": be, "decode_iters": nd, "max_batch": grid.rra_max_batch}
+            for be, nd in grid.rra
+        ]
+    raise ValueError(f"unknown engine policy {policy!r}; choose from {ENGINE_POLICIES}")
+
+
+def make_engine(
+    loaded: LoadedModel, queries: Sequence[Query], max_batch: int, num_threads: int | None = None
+) -> LLMEngine:
+    """One engine per workload, reused by every run (only its schedule changes)."""
+    config = EngineConfig(
+        model=loaded.name,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        max_num_seqs=max_batch,
+        max_model_len=max(q.prompt_len + q.output_len for q in queries),
+        detokenize=False,  # the bench counts tokens; text would only add CPU time
+        num_threads=num_threads,  # global: HF generate later runs with the same count
+    )
+    return LLMEngine(config, model=loaded)
+
+
+def run_engine(
+    engine: LLMEngine,
+    task: str,
+    policy: str,
+    knobs: dict[str, int],
+    queries: Sequence[Query],
+    prompts: Sequence[list[int]],
+    run_id: str,
+) -> RunResult:
+    """Run every query under one schedule; all are queued before the first step."""
+    if engine.has_unfinished():
+        raise RuntimeError("the engine must be idle before a benchmark run")
+    engine.set_schedule(schedule_for(policy, knobs))  # idle: applies at the first step
+    latencies: list[float] = []
+    num_tokens = 0
+    start = time.monotonic()
+    for i, (query, prompt) in enumerate(zip(queries, prompts, strict=True)):
+        params = SamplingParams(max_tokens=query.output_len, ignore_eos=True)
+        engine.add_request(f"{run_id}-{i}", prompt, params)
+    while engine.has_unfinished():
+        for out in engine.step():
+            if not out.finished:
+                continue
+            if out.encode_start_time is None or out.finish_time is None:
+                raise RuntimeError(f"request {out.request_id} finished without timestamps")
+            latencies.append(out.finish_time - out.encode_start_time)
+            num_tokens += out.num_output_tokens
+    makespan = time.monotonic() - start
+    expected = sum(q.output_len for q in queries)
+    if len(latencies) != len(queries) or num_tokens != expected:
+        raise RuntimeError(
+            f"{run_id}: {len(latencies)}/{len(queries)} queries finished, "
+            f"{num_tokens}/{expected} tokens"
+        )
+    return RunResult(policy, task, dict(knobs), tuple(latencies), makespan, num_tokens)
+
+
+# -- bounds and selection ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Bound:
+    label: str  # "p10" | "p30" | "p70" | "none"
+    latency_s: float | None  # None: unbounded
+
+
+def latency_bounds(static_runs: Sequence[RunResult]) -> list[Bound]:
+    """The paper's bounds: percentiles of static's p99 latencies at BOUND_BATCHES."""
+    p99s = [
+        r.latency_percentile_s(99)
+        for r in static_runs
+        if r.policy == "static" and r.knobs["batch_size"] in BOUND_BATCHES
+    ]
+    if len(p99s) != len(BOUND_BATCHES):
+        raise ValueError(f"bounds need static runs at batch sizes {BOUND_BATCHES}")
+    bounds = [Bound(f"p{q}", float(np.percentile(p99s, q))) for q in BOUND_PERCENTILES]
+    return [*bounds, Bound("none", None)]
+
+
+def best_under_bound(runs: Sequence[RunResult], bound: Bound) -> RunResult | None:
+    """The highest-throughput run whose p99 latency meets the bound, or None."""
+    feasible = [
+        r for r in runs if bound.latency_s is None or r.latency_percentile_s(99) <= bound.latency_s
+    ]
+    return max(feasible, key=lambda r: r.throughput_req_s, default=None)
+
+
+def selection_records(
+    runs: Sequence[RunResult], bounds: Sequence[Bound], task: str, policies: Sequence[str]
+) -> list[dict[str, Any]]:
+    """One record per (policy, bound); an unsatisfiable bound has null knobs and figures."""
+    records = []
+    for policy in policies:
+        mine = [r for r in runs if r.policy == policy and r.task == task]
+        for bound in bounds:
+            best = best_under_bound(mine, bound)
+            base = {
+                "policy": policy,
+                "task": task,
+                "bound": bound.label,
+                "latency_bound_s": bound.latency_s,
+            }
+            if best is None:
+                empty = dict.fromkeys(
+                    (
+                        "knobs",
+                        "throughput_req_s",
+                        "throughput_tok_s",
+                        "p50_latency_s",
+                        "p99_latency_s",
+                    )
+                )
+                num = mine[0].num_requests if mine else 0
+                records.append({**base, **empty, "num_requests": num})
+            else:
+                summary = best.summary()
+                summary.pop("makespan_s")
+                records.append({**summary, **base})
+    return records

@@ -1,0 +1,156 @@
+"""The offline bench: workloads, complete runs, the paper's bound method and the selection.
+
+A handful of very short queries on a random model; behaviour only, never timings.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.bench import sweep
+from engine.bench_offline import (
+    BOUND_BATCHES,
+    Bound,
+    KnobGrid,
+    RunResult,
+    best_under_bound,
+    latency_bounds,
+    selection_records,
+)
+from engine.cli import main
+from engine.workloads import Query, make_prompts, read_lengths, task_queries
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+GRID = KnobGrid(static=BOUND_BATCHES, continuous=(4, 8), rra=((2, 2), (4, 3)), rra_max_batch=8)
+RECORD_FIELDS = {
+    "policy",
+    "task",
+    "latency_bound_s",
+    "knobs",
+    "throughput_req_s",
+    "throughput_tok_s",
+    "p50_latency_s",
+    "p99_latency_s",
+    "num_requests",
+}
+
+
+@pytest.fixture(scope="module")
+def runs(load_cached) -> list[RunResult]:  # type: ignore[no-untyped-def]
+    loaded = load_cached("random:llama")
+    queries = task_queries("C1", 10, seed=3, scale=0.05)
+    prompts = make_prompts(queries, loaded.vocab_size, seed=3)
+    return sweep(
+        loaded,
+        "C1",
+        queries,
+        prompts,
+        ["static", "continuous", "rra", "hf"],
+        GRID,
+        num_threads=1,
+        progress=False,
+    )
+
+
+def test_jsonl_loader_reads_the_shared_format() -> None:
+    queries = read_lengths(DATA / "anchor-S.jsonl")
+
+    assert len(queries) == 96
+    assert queries[:2] == [Query(288, 46), Query(223, 31)]
+
+
+def test_task_sampler_reproduces_the_anchor_workload() -> None:
+    assert task_queries("S", 96, seed=0) == read_lengths(DATA / "anchor-S.jsonl")
+    short = task_queries("S", 96, seed=0, scale=0.25)
+    assert all(q.prompt_len <= 128 and q.output_len <= 20 for q in short)
+
+
+def test_every_run_completes_every_query(runs: list[RunResult]) -> None:
+    expected = {("static", b) for b in BOUND_BATCHES} | {("hf_generate", b) for b in BOUND_BATCHES}
+    assert expected <= {(r.policy, r.knobs.get("batch_size")) for r in runs}
+    assert {r.policy for r in runs} == {"static", "continuous", "rra", "hf_generate"}
+    tokens = {r.num_output_tokens for r in runs}
+    assert len(tokens) == 1  # every policy generated exactly the forced lengths
+    for r in runs:
+        assert r.num_requests == 10
+        assert all(lat > 0 for lat in r.latencies_s)
+        assert r.throughput_req_s > 0 and r.latency_percentile_s(99) >= r.latency_percentile_s(50)
+
+
+def test_bounds_are_percentiles_of_static_p99_latencies(runs: list[RunResult]) -> None:
+    bounds = latency_bounds(runs)
+    static_p99 = [r.latency_percentile_s(99) for r in runs if r.policy == "static"]
+
+    assert [b.label for b in bounds] == ["p10", "p30", "p70", "none"]
+    finite = [b.latency_s for b in bounds if b.latency_s is not None]
+    assert finite == sorted(finite)
+    assert finite == pytest.approx(list(np.percentile(static_p99, [10, 30, 70])))
+    assert bounds[-1].latency_s is None
+
+
+def test_best_under_bound_respects_the_bound(runs: list[RunResult]) -> None:
+    bounds = latency_bounds(runs)
+    policies = ["static", "continuous", "rra", "hf_generate"]
+    records = selection_records(runs, bounds, "C1", policies)
+
+    assert len(records) == len(policies) * len(bounds)
+    for record in records:
+        assert set(record) >= RECORD_FIELDS
+        bound = record["latency_bound_s"]
+        if record["knobs"] is None:  # no setting meets the bound
+            assert record["throughput_req_s"] is None
+            continue
+        assert bound is None or record["p99_latency_s"] <= bound
+        mine = [r for r in runs if r.policy == record["policy"]]
+        feasible = [
+            r.throughput_req_s for r in mine if bound is None or r.latency_percentile_s(99) <= bound
+        ]
+        assert record["throughput_req_s"] == pytest.approx(max(feasible), rel=1e-3)
+
+
+def test_best_under_bound_picks_fastest_feasible_or_none() -> None:
+    def run(throughput: float, latency: float) -> RunResult:
+        return RunResult("rra", "S", {}, (latency,) * 4, 4 / throughput, 4)
+
+    fast_slow, slow_fast = run(10.0, 5.0), run(2.0, 1.0)
+    assert best_under_bound([fast_slow, slow_fast], Bound("p30", 2.0)) is slow_fast
+    assert best_under_bound([fast_slow, slow_fast], Bound("none", None)) is fast_slow
+    assert best_under_bound([fast_slow, slow_fast], Bound("p10", 0.5)) is None
+
+
+def test_cli_writes_records(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    status = main(
+        [
+            "bench",
+            "offline",
+            "--model",
+            "random:llama",
+            "--dtype",
+            "float32",
+            "--lengths",
+            str(DATA / "anchor-S.jsonl"),
+            "--scale",
+            "0.03",
+            "--quick",
+            "--policies",
+            "static,rra",
+            "--num-threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+
+    assert status == 0
+    report = json.loads(out.read_text())
+    assert {r["policy"] for r in report["records"]} == {"static", "rra"}
+    assert all(set(r) >= RECORD_FIELDS and r["num_requests"] == 96 for r in report["records"])
+
+
+@pytest.mark.parametrize("name", ["serve", "compare", "fidelity", "drift"])
+def test_later_benchmarks_say_not_implemented(name: str, capsys: pytest.CaptureFixture) -> None:  # type: ignore[type-arg]
+    assert main(["bench", name]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
