@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,13 +169,19 @@ def _random_model_folder(arch: str) -> Path:
 
 
 def _save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    # Written to a sibling folder and renamed, so an interrupted conversion never leaves
-    # a half-written model that later loads would trust.
-    partial = target.with_name(target.name + ".partial")
+    # Written to a sibling folder of this process's own and renamed, so an interrupted
+    # conversion never leaves a half-written model that later loads would trust, and two
+    # processes converting at once (a test and the engine process it starts) do not collide.
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     partial.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.replace(target)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(partial)  # another process finished first; its copy is identical
 
 
 def _load_folder(name: str, folder: Path, dtype: torch.dtype) -> LoadedModel:
