@@ -90,16 +90,17 @@ class RunResult:
         return float(np.percentile(self.latencies_s, q))
 
     def summary(self) -> dict[str, Any]:
+        # unrounded: a record must compare against its bound exactly as the selection did
         return {
             "policy": self.policy,
             "task": self.task,
             "knobs": dict(self.knobs),
-            "throughput_req_s": round(self.throughput_req_s, 4),
-            "throughput_tok_s": round(self.throughput_tok_s, 2),
-            "p50_latency_s": round(self.latency_percentile_s(50), 4),
-            "p99_latency_s": round(self.latency_percentile_s(99), 4),
+            "throughput_req_s": self.throughput_req_s,
+            "throughput_tok_s": self.throughput_tok_s,
+            "p50_latency_s": self.latency_percentile_s(50),
+            "p99_latency_s": self.latency_percentile_s(99),
             "num_requests": self.num_requests,
-            "makespan_s": round(self.makespan_s, 3),
+            "makespan_s": self.makespan_s,
         }
 
 
