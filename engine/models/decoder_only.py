@@ -17,6 +17,7 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from engine.model_loader import LoadedModel
 from engine.models.base import EncodeItem, causal_prefill_attention
+from engine.models.linear import FusedLinear
 
 
 class _Arch(Protocol):
@@ -38,15 +39,26 @@ class _Arch(Protocol):
     def logits(self, h: torch.Tensor) -> torch.Tensor: ...
 
 
+def _linear(*modules: Any) -> FusedLinear:
+    return FusedLinear([m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
+
+
 class _LlamaArch:
     def __init__(self, model: Any) -> None:  # a transformers LlamaForCausalLM (or alike)
         cfg = model.config
         self.body: Any = model.model
-        self.lm_head: Any = model.lm_head
         self.layers: list[Any] = list(self.body.layers)
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        attns = [layer.self_attn for layer in self.layers]
+        mlps = [layer.mlp for layer in self.layers]
+        self.qkv_proj = [_linear(a.q_proj, a.k_proj, a.v_proj) for a in attns]
+        self.o_proj = [_linear(a.o_proj) for a in attns]
+        self.gate_up_proj = [_linear(m.gate_proj, m.up_proj) for m in mlps]
+        self.down_proj = [_linear(m.down_proj) for m in mlps]
+        self.act = [m.act_fn for m in mlps]
+        self.lm_head = _linear(model.lm_head)
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -56,12 +68,10 @@ class _LlamaArch:
         return h
 
     def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        layer = self.layers[i]
-        x = layer.input_layernorm(h)
-        attn = layer.self_attn
-        q = attn.q_proj(x).view(-1, self.num_heads, self.head_dim)
-        k = attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj[i].split(self.layers[i].input_layernorm(h))
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
         assert self.rope is not None
         cos, sin = self.rope
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
@@ -70,9 +80,9 @@ class _LlamaArch:
         return None
 
     def finish_layer(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        layer = self.layers[i]
-        h = h + layer.self_attn.o_proj(attn_out)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + self.o_proj[i](attn_out)
+        gate, up = self.gate_up_proj[i].split(self.layers[i].post_attention_layernorm(h))
+        return h + self.down_proj[i](self.act[i](gate) * up)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.body.norm(h)).float()

@@ -1,0 +1,59 @@
+"""Projections with fused weights, prepacked for the CPU's matrix engine where it has one.
+
+A decode step multiplies a few rows by every weight matrix of the model, so its time is
+mostly per-call cost and weight traffic, not arithmetic. Two things cut both:
+
+- fusing projections that read the same input (Q, K and V; gate and up) into one matrix,
+  so each layer makes two calls fewer;
+- bf16/fp16 weights reordered once into oneDNN's blocked layout (what inductor's freezing
+  does for CPU linears), so no call re-packs its weight. On CPUs with AMX or AVX512-BF16
+  this halves the time of a small-batch projection; the results are the same matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import linear
+
+_PACKED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in _PACKED_DTYPES
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+class FusedLinear:
+    """x @ cat(weights).T + cat(biases), returned whole or split into the parts' widths."""
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> None:
+        if len(weights) != len(biases) or not weights:
+            raise ValueError("FusedLinear needs one bias (or None) per weight")
+        self.widths = [w.shape[0] for w in weights]
+        weight = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0]
+        weight = weight.detach().contiguous()
+        if all(b is None for b in biases):
+            self.bias: torch.Tensor | None = None
+        else:
+            self.bias = torch.cat(
+                [
+                    b.detach() if b is not None else weight.new_zeros(w.shape[0])
+                    for w, b in zip(weights, biases, strict=True)
+                ]
+            )
+        self.packed = _can_pack(weight)
+        self.weight = (
+            torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.packed else weight
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return linear(x, self.weight, self.bias)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self(x).split(self.widths, dim=-1))
