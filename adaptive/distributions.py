@@ -135,10 +135,10 @@ class LengthDistribution:
             outputs = _truncated_normal_pmf(spec.output_mean, spec.output_std, spec.output_max)
         else:
             rng = np.random.default_rng(seed)
-            in_lens = _sample_truncated(
+            in_lens = sample_truncated(
                 rng, spec.input_mean, spec.input_std, spec.input_max, num_samples
             )
-            out_lens = _sample_truncated(
+            out_lens = sample_truncated(
                 rng, spec.output_mean, spec.output_std, spec.output_max, num_samples
             )
             inputs = _histogram(in_lens, spec.input_max)
@@ -226,9 +226,10 @@ def _truncated_normal_pmf(mean: float, std: float, max_len: int) -> FloatArray:
     return np.asarray(pmf / pmf.sum(), dtype=np.float64)
 
 
-def _sample_truncated(
+def sample_truncated(
     rng: np.random.Generator, mean: float, std: float, max_len: int, n: int
 ) -> IntArray:
+    """n lengths from a normal(mean, std) truncated to [1, max_len], in draw order."""
     # Rejection keeps the shape of the normal inside [1, max] (as the anchor workloads do).
     out = np.empty(0, dtype=np.float64)
     while out.size < n:

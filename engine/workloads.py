@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-# The sampler is private to adaptive; it is the one that reproduces the anchor workloads
-# (LengthDistribution.from_task keeps only histograms, which lose the arrival order).
-from adaptive.distributions import TASKS, _sample_truncated
+# The planner's sampler reproduces the anchor workloads; LengthDistribution.from_task keeps
+# only histograms, which lose the arrival order, so queries are drawn here with it directly.
+from adaptive.distributions import TASKS, sample_truncated
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ def task_queries(task: str, num_queries: int, seed: int = 0, scale: float = 1.0)
     if num_queries < 1 or scale <= 0:
         raise ValueError("need num_queries >= 1 and scale > 0")
     rng = np.random.default_rng(seed)
-    inputs = _sample_truncated(rng, spec.input_mean, spec.input_std, spec.input_max, num_queries)
-    outputs = _sample_truncated(
+    inputs = sample_truncated(rng, spec.input_mean, spec.input_std, spec.input_max, num_queries)
+    outputs = sample_truncated(
         rng, spec.output_mean, spec.output_std, spec.output_max, num_queries
     )
     return [
