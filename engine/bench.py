@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from engine.bench_hf import run_hf_static, warm_up_hf
@@ -27,9 +29,11 @@ from engine.bench_offline import (
     knob_settings,
     latency_bounds,
     make_engine,
+    profile_run,
     run_engine,
     selection_records,
 )
+from engine.efficiency import CATEGORIES, StepProfile, measure_ceiling
 from engine.model_loader import load_model
 from engine.workloads import Query, make_prompts, read_lengths, task_queries
 
@@ -76,6 +80,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     offline.add_argument(
         "--num-threads", type=int, default=None, help="torch threads (default: all cores)"
     )
+    offline.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the sweep, profile N steps of each policy's best unbounded setting "
+        "and print where a step's time goes",
+    )
     offline.set_defaults(run=run_offline)
     for name, purpose in LATER.items():
         later = sub.add_parser(name, help=f"{purpose} (not implemented yet)")
@@ -110,12 +122,19 @@ def run_offline(args: argparse.Namespace) -> int:
     grid = QUICK_GRID if args.quick else FULL_GRID
     loaded = load_model(args.model, args.dtype)
     workloads = _workloads(args)
+    torch.set_num_threads(args.num_threads or os.cpu_count() or 1)
+    ceiling = measure_ceiling(loaded.dtype)
+    print(
+        f"compute ceiling: {ceiling / 1e9:.0f} GFLOP/s ({loaded.dtype} matmul, "
+        f"{torch.get_num_threads()} threads)"
+    )
     report: dict[str, Any] = {
         "model": args.model,
         "dtype": args.dtype,
         "quick": args.quick,
         "seed": args.seed,
         "scale": args.scale,
+        "ceiling_gflop_s": ceiling / 1e9,
         "tasks": {},
     }
     records: list[dict[str, Any]] = []
@@ -128,16 +147,50 @@ def run_offline(args: argparse.Namespace) -> int:
         bounds = latency_bounds(task_runs)
         names = [("hf_generate" if p == "hf" else p) for p in policies]
         task_records = selection_records(task_runs, bounds, task, names)
+        for record in task_records:
+            gflop_s = record["useful_gflop_s"]
+            record["ceiling_share"] = None if gflop_s is None else gflop_s * 1e9 / ceiling
         print_task_table(task, queries, task_records, task_runs)
         records += task_records
         runs += task_runs
         report["tasks"][task] = {"bounds_s": {b.label: b.latency_s for b in bounds}}
+        if args.profile_steps:
+            profiles = _profile_policies(loaded, task_records, queries, prompts, args)
+            report["tasks"][task]["step_profile"] = profiles
     if args.json is not None:
         report |= {"records": records, "runs": [r.summary() for r in runs]}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _profile_policies(
+    loaded: Any,
+    records: Sequence[dict[str, Any]],
+    queries: Sequence[Query],
+    prompts: Sequence[list[int]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Each engine policy's best unbounded setting, profiled step by step."""
+    best = {
+        r["policy"]: r["knobs"]
+        for r in records
+        if r["bound"] == "none" and r["policy"] in ENGINE_POLICIES and r["knobs"]
+    }
+    if not best:
+        return {}
+    engine = make_engine(loaded, queries, max(_batch_of(k) for k in best.values()), None)
+    profiles = {}
+    for policy, knobs in best.items():
+        result = profile_run(engine, policy, knobs, prompts, queries, args.profile_steps)
+        print_step_profile(policy, knobs, result)
+        profiles[policy] = {"knobs": knobs, **result.as_dict()}
+    return profiles
+
+
+def _batch_of(knobs: dict[str, int]) -> int:
+    return knobs.get("max_batch") or knobs["batch_size"]
 
 
 def sweep(
@@ -216,7 +269,8 @@ def print_task_table(
     )
     print(
         f"{'bound':>5} {'L_B (s)':>8} {'policy':<12} {'knobs':<22} {'req/s':>7} "
-        f"{'tok/s':>7} {'p50 (s)':>8} {'p99 (s)':>8} {'x static':>8}"
+        f"{'tok/s':>7} {'p50 (s)':>8} {'p99 (s)':>8} {'x static':>8} {'ceil%':>6} "
+        f"{'useful%':>7}"
     )
     static = {r["bound"]: r["throughput_req_s"] for r in records if r["policy"] == "static"}
     for r in sorted(
@@ -228,9 +282,22 @@ def print_task_table(
             f"{r['bound']:>5} {_num(r['latency_bound_s']):>8} {r['policy']:<12} "
             f"{_knobs_text(r['knobs']):<22} {_num(r['throughput_req_s']):>7} "
             f"{_num(r['throughput_tok_s'], 1):>7} {_num(r['p50_latency_s']):>8} "
-            f"{_num(r['p99_latency_s']):>8} {_num(ratio):>8}"
+            f"{_num(r['p99_latency_s']):>8} {_num(ratio):>8} "
+            f"{_percent(r['ceiling_share']):>6} {_percent(r['useful_token_share']):>7}"
         )
     _print_hf_comparison(runs)
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}"
+
+
+def print_step_profile(policy: str, knobs: dict[str, int], result: StepProfile) -> None:
+    print(f"  step profile, {policy} {_knobs_text(knobs)} (ms per step):")
+    print(f"    {'phase':<7} {'steps':>5} " + " ".join(f"{c:>15}" for c in CATEGORIES))
+    for phase, spent in result.ms_per_step.items():
+        cells = " ".join(f"{spent[c]:>15.2f}" for c in CATEGORIES)
+        print(f"    {phase:<7} {result.steps[phase]:>5} {cells}")
 
 
 def _print_hf_comparison(runs: Sequence[RunResult]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from engine.bench_offline import RunResult
+from engine.bench_offline import RunResult, RunWork
 from engine.model_loader import LoadedModel
 from engine.workloads import Query
 
@@ -75,18 +75,19 @@ def run_hf_static(
     prompts: Sequence[list[int]],
 ) -> RunResult:
     latencies: list[float] = []
+    computed = 0  # left padding to the longest prompt, every row to the longest output
     start = time.monotonic()
     for first in range(0, len(queries), batch_size):
         batch = queries[first : first + batch_size]
-        stamps = _generate_batch(
-            loaded, prompts[first : first + batch_size], max(q.output_len for q in batch)
-        )
+        longest = max(q.output_len for q in batch)
+        computed += len(batch) * (max(q.prompt_len for q in batch) + longest - 1)
+        stamps = _generate_batch(loaded, prompts[first : first + batch_size], longest)
         latencies.extend(stamps[q.output_len - 1] for q in batch)
     makespan = time.monotonic() - start
     tokens = sum(q.output_len for q in queries)
-    return RunResult(
-        "hf_generate", task, {"batch_size": batch_size}, tuple(latencies), makespan, tokens
-    )
+    work = RunWork.of(loaded, queries, computed)
+    knobs = {"batch_size": batch_size}
+    return RunResult("hf_generate", task, knobs, tuple(latencies), makespan, tokens, work)
 
 
 def warm_up_hf(loaded: LoadedModel, prompts: Sequence[list[int]]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from adaptive.schedule import Policy, Schedule
+from engine.efficiency import ModelWork, StepProfile, needed_tokens, profile_steps
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.model_loader import LoadedModel
 from engine.sampling import SamplingParams
@@ -64,6 +65,20 @@ QUICK_GRID = KnobGrid(
 
 
 @dataclass(frozen=True)
+class RunWork:
+    """What a run computed against what its queries needed (engine.efficiency)."""
+
+    needed_tokens: int  # every prompt token and every decode input, once
+    computed_tokens: int  # token rows the run computed: padding and held rows included
+    useful_flops: float  # FLOPs the queries need, however they are batched
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, queries: Sequence[Query], computed_tokens: int) -> RunWork:
+        useful = ModelWork.of(loaded).workload_flops(queries)
+        return cls(needed_tokens(queries), computed_tokens, useful)
+
+
+@dataclass(frozen=True)
 class RunResult:
     """One policy with one knob setting, run over the whole workload."""
 
@@ -73,6 +88,7 @@ class RunResult:
     latencies_s: tuple[float, ...] = field(repr=False)
     makespan_s: float
     num_output_tokens: int
+    work: RunWork
 
     @property
     def num_requests(self) -> int:
@@ -101,6 +117,8 @@ class RunResult:
             "p99_latency_s": self.latency_percentile_s(99),
             "num_requests": self.num_requests,
             "makespan_s": self.makespan_s,
+            "useful_token_share": self.work.needed_tokens / self.work.computed_tokens,
+            "useful_gflop_s": self.work.useful_flops / self.makespan_s / 1e9,
         }
 
 
@@ -163,6 +181,7 @@ def run_engine(
     engine.set_schedule(schedule_for(policy, knobs))  # idle: applies at the first step
     latencies: list[float] = []
     num_tokens = 0
+    computed_before = engine.counters.computed_tokens
     start = time.monotonic()
     for i, (query, prompt) in enumerate(zip(queries, prompts, strict=True)):
         params = SamplingParams(max_tokens=query.output_len, ignore_eos=True)
@@ -182,7 +201,42 @@ def run_engine(
             f"{run_id}: {len(latencies)}/{len(queries)} queries finished, "
             f"{num_tokens}/{expected} tokens"
         )
-    return RunResult(policy, task, dict(knobs), tuple(latencies), makespan, num_tokens)
+    work = RunWork.of(engine.model, queries, engine.counters.computed_tokens - computed_before)
+    return RunResult(policy, task, dict(knobs), tuple(latencies), makespan, num_tokens, work)
+
+
+def profile_run(
+    engine: LLMEngine,
+    policy: str,
+    knobs: dict[str, int],
+    prompts: Sequence[list[int]],
+    queries: Sequence[Query],
+    max_steps: int,
+) -> StepProfile:
+    """Where the steps of one schedule spend their time: the first `max_steps` of a run."""
+    if engine.has_unfinished():
+        raise RuntimeError("the engine must be idle before a profiled run")
+    engine.set_schedule(schedule_for(policy, knobs))
+    ids = [f"profile-{i}" for i in range(len(queries))]
+    for request_id, query, prompt in zip(ids, queries, prompts, strict=True):
+        engine.add_request(
+            request_id, prompt, SamplingParams(max_tokens=query.output_len, ignore_eos=True)
+        )
+    counters = engine.counters
+
+    def one_step() -> str | None:
+        if not engine.has_unfinished():
+            return None
+        encodes = counters.encode_steps
+        engine.step()
+        return "encode" if counters.encode_steps > encodes else "decode"
+
+    result = profile_steps(one_step, max_steps)
+    for request_id in ids:  # the rest of the workload is not needed
+        engine.abort_request(request_id)
+    while engine.has_unfinished():
+        engine.step()
+    return result
 
 
 # -- bounds and selection ----------------------------------------------------------------
@@ -236,6 +290,8 @@ def selection_records(
                         "throughput_tok_s",
                         "p50_latency_s",
                         "p99_latency_s",
+                        "useful_token_share",
+                        "useful_gflop_s",
                     )
                 )
                 num = mine[0].num_requests if mine else 0

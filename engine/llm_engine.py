@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from engine.models import build_executor
 from engine.request import Request
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Phase, Scheduler, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,32 @@ class EngineStats:
     schedule: Schedule
 
 
+@dataclass
+class StepCounters:
+    """Work done since the engine started: what efficiency reports divide by."""
+
+    encode_steps: int = 0
+    decode_steps: int = 0
+    prompt_tokens: int = 0  # tokens encoded
+    decode_rows: int = 0  # rows computed by decoding iterations (held finished rows included)
+    encode_s: float = 0.0  # time in the model runner (forward and sampling), by phase
+    decode_s: float = 0.0
+
+    def record(self, plan: StepPlan, seconds: float) -> None:
+        if plan.phase is Phase.ENCODE:
+            self.encode_steps += 1
+            self.prompt_tokens += sum(r.num_prompt_tokens for r in plan.requests)
+            self.encode_s += seconds
+        else:
+            self.decode_steps += 1
+            self.decode_rows += len(plan.requests)
+            self.decode_s += seconds
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.prompt_tokens + self.decode_rows
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: LoadedModel | None = None) -> None:
         self.config = config
@@ -82,6 +109,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.schedule, config.max_num_seqs, self.model.eos_token_ids)
         self._detok: dict[str, DetokenizerState] = {}
         self._aborted: list[Request] = []
+        self.counters = StepCounters()
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         total = len(prompt_ids) + params.max_tokens
@@ -118,7 +146,9 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan is None:
             return outputs
+        start = time.perf_counter()
         tokens = self.runner.execute(plan)
+        self.counters.record(plan, time.perf_counter() - start)
         for request in self.scheduler.update(plan, tokens):
             text = self._new_text(request)
             outputs.append(self._output(request, request.output_ids[-1:], text))

@@ -6,6 +6,9 @@ names (plus the compaction copies the plan carries, applied first).
 
 from __future__ import annotations
 
+from torch.profiler import record_function
+
+from engine.efficiency import KV_MOVE_LABEL, PHASE_LABELS, SAMPLING_LABEL
 from engine.models import EncodeItem, ModelExecutor
 from engine.request import Request
 from engine.sampling import sample
@@ -27,19 +30,25 @@ class ModelRunner:
         return cached_outputs + (1 if self.is_encoder_decoder else request.num_prompt_tokens)
 
     def execute(self, plan: StepPlan) -> list[int]:
-        for move in plan.moves:
-            self.executor.move_slot(move.src, move.dst, self.context_len(move.request))
-        if plan.phase is Phase.ENCODE:
-            items = []
-            for r in plan.requests:
-                assert r.slot is not None, f"request {r.request_id} scheduled without a row"
-                items.append(EncodeItem(slot=r.slot, token_ids=r.prompt_ids))
-            logits = self.executor.prefill(items)
-        else:
-            logits = self.executor.decode(
-                [r.output_ids[-1] for r in plan.requests],
-                [self.context_len(r) for r in plan.requests],
-            )
-        return sample(
-            logits, [r.params for r in plan.requests], [r.generator for r in plan.requests]
-        )
+        # the labels let `engine.efficiency.profile_steps` sort a step's time; free otherwise
+        with record_function(PHASE_LABELS[plan.phase.value]):
+            with record_function(KV_MOVE_LABEL):
+                for move in plan.moves:
+                    self.executor.move_slot(move.src, move.dst, self.context_len(move.request))
+            if plan.phase is Phase.ENCODE:
+                items = []
+                for r in plan.requests:
+                    assert r.slot is not None, f"request {r.request_id} scheduled without a row"
+                    items.append(EncodeItem(slot=r.slot, token_ids=r.prompt_ids))
+                logits = self.executor.prefill(items)
+            else:
+                logits = self.executor.decode(
+                    [r.output_ids[-1] for r in plan.requests],
+                    [self.context_len(r) for r in plan.requests],
+                )
+            with record_function(SAMPLING_LABEL):
+                return sample(
+                    logits,
+                    [r.params for r in plan.requests],
+                    [r.generator for r in plan.requests],
+                )

@@ -38,9 +38,7 @@ def task_queries(task: str, num_queries: int, seed: int = 0, scale: float = 1.0)
         raise ValueError("need num_queries >= 1 and scale > 0")
     rng = np.random.default_rng(seed)
     inputs = sample_truncated(rng, spec.input_mean, spec.input_std, spec.input_max, num_queries)
-    outputs = sample_truncated(
-        rng, spec.output_mean, spec.output_std, spec.output_max, num_queries
-    )
+    outputs = sample_truncated(rng, spec.output_mean, spec.output_std, spec.output_max, num_queries)
     return [
         Query(max(1, round(i * scale)), max(1, round(o * scale)))
         for i, o in zip(inputs.tolist(), outputs.tolist(), strict=True)

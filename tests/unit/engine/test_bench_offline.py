@@ -15,6 +15,7 @@ from engine.bench_offline import (
     Bound,
     KnobGrid,
     RunResult,
+    RunWork,
     best_under_bound,
     latency_bounds,
     selection_records,
@@ -79,6 +80,21 @@ def test_every_run_completes_every_query(runs: list[RunResult]) -> None:
         assert r.throughput_req_s > 0 and r.latency_percentile_s(99) >= r.latency_percentile_s(50)
 
 
+def test_only_static_batching_computes_tokens_its_queries_do_not_need(
+    runs: list[RunResult],
+) -> None:
+    # early termination and packed prompts: rra and continuous compute exactly what the
+    # queries need; static keeps finished rows and HF pads prompts and outputs
+    for r in runs:
+        share = r.summary()["useful_token_share"]
+        if r.policy in ("rra", "continuous"):
+            assert r.work.computed_tokens == r.work.needed_tokens
+        elif r.knobs["batch_size"] >= 4:  # batches mixing lengths
+            assert share < 1.0, r
+        assert 0 < share <= 1.0
+        assert r.work.useful_flops == runs[0].work.useful_flops  # same queries, same work
+
+
 def test_bounds_are_percentiles_of_static_p99_latencies(runs: list[RunResult]) -> None:
     bounds = latency_bounds(runs)
     static_p99 = [r.latency_percentile_s(99) for r in runs if r.policy == "static"]
@@ -112,7 +128,7 @@ def test_best_under_bound_respects_the_bound(runs: list[RunResult]) -> None:
 
 def test_best_under_bound_picks_fastest_feasible_or_none() -> None:
     def run(throughput: float, latency: float) -> RunResult:
-        return RunResult("rra", "S", {}, (latency,) * 4, 4 / throughput, 4)
+        return RunResult("rra", "S", {}, (latency,) * 4, 4 / throughput, 4, RunWork(4, 4, 1.0))
 
     fast_slow, slow_fast = run(10.0, 5.0), run(2.0, 1.0)
     assert best_under_bound([fast_slow, slow_fast], Bound("p30", 2.0)) is slow_fast
@@ -139,6 +155,8 @@ def test_cli_writes_records(tmp_path: Path) -> None:
             "static,rra",
             "--num-threads",
             "1",
+            "--profile-steps",
+            "6",
             "--json",
             str(out),
         ]
@@ -148,6 +166,19 @@ def test_cli_writes_records(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert {r["policy"] for r in report["records"]} == {"static", "rra"}
     assert all(set(r) >= RECORD_FIELDS and r["num_requests"] == 96 for r in report["records"])
+    assert report["ceiling_gflop_s"] > 0
+    for r in report["records"]:
+        if r["knobs"] is not None:
+            assert (
+                0
+                < r["ceiling_share"]
+                == pytest.approx(r["useful_gflop_s"] / report["ceiling_gflop_s"])
+            )
+    profiles = report["tasks"]["anchor-S"]["step_profile"]
+    assert set(profiles) == {"static", "rra"}
+    for profile in profiles.values():
+        assert sum(profile["steps"].values()) == 6
+        assert profile["ms_per_step"]["encode"]["matmul"] > 0
 
 
 @pytest.mark.parametrize("name", ["serve", "compare", "fidelity", "drift"])
