@@ -81,6 +81,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-threads", type=int, default=None, help="torch threads (default: all cores)"
     )
     offline.add_argument(
+        "--strict-alternation",
+        action="store_true",
+        help="encoding phases do not carry the running batch's decoding iteration "
+        "(the paper's form)",
+    )
+    offline.add_argument(
         "--profile-steps",
         type=int,
         default=0,
@@ -134,6 +140,7 @@ def run_offline(args: argparse.Namespace) -> int:
         "quick": args.quick,
         "seed": args.seed,
         "scale": args.scale,
+        "carry_decode": not args.strict_alternation,
         "ceiling_gflop_s": ceiling / 1e9,
         "tasks": {},
     }
@@ -142,7 +149,14 @@ def run_offline(args: argparse.Namespace) -> int:
     for task, queries in workloads:
         prompts = make_prompts(queries, loaded.vocab_size, args.seed)
         task_runs = sweep(
-            loaded, task, queries, prompts, policies, grid, num_threads=args.num_threads
+            loaded,
+            task,
+            queries,
+            prompts,
+            policies,
+            grid,
+            num_threads=args.num_threads,
+            carry_decode=not args.strict_alternation,
         )
         bounds = latency_bounds(task_runs)
         names = [("hf_generate" if p == "hf" else p) for p in policies]
@@ -180,7 +194,8 @@ def _profile_policies(
     }
     if not best:
         return {}
-    engine = make_engine(loaded, queries, max(_batch_of(k) for k in best.values()), None)
+    max_batch = max(_batch_of(k) for k in best.values())
+    engine = make_engine(loaded, queries, max_batch, None, not args.strict_alternation)
     profiles = {}
     for policy, knobs in best.items():
         result = profile_run(engine, policy, knobs, prompts, queries, args.profile_steps)
@@ -202,6 +217,7 @@ def sweep(
     grid: KnobGrid,
     *,
     num_threads: int | None = None,
+    carry_decode: bool = True,
     progress: bool = True,
 ) -> list[RunResult]:
     """Every knob setting of every chosen policy, plus static's bound-setting batch sizes."""
@@ -210,7 +226,7 @@ def sweep(
         plan = [("static", k) for k in knob_settings("static", QUICK_GRID)] + plan
     if "hf" in policies:
         plan += [("hf", {"batch_size": b}) for b in grid.static]
-    engine = make_engine(loaded, queries, grid.max_batch, num_threads)
+    engine = make_engine(loaded, queries, grid.max_batch, num_threads, carry_decode)
     warm = min(8, len(queries))  # one-time kernel setup must not land in a measured run
     run_engine(
         engine,

@@ -152,7 +152,11 @@ def knob_settings(policy: str, grid: KnobGrid) -> list[dict[str, int]]:
 
 
 def make_engine(
-    loaded: LoadedModel, queries: Sequence[Query], max_batch: int, num_threads: int | None = None
+    loaded: LoadedModel,
+    queries: Sequence[Query],
+    max_batch: int,
+    num_threads: int | None = None,
+    carry_decode: bool = True,
 ) -> LLMEngine:
     """One engine per workload, reused by every run (only its schedule changes)."""
     config = EngineConfig(
@@ -162,6 +166,7 @@ def make_engine(
         max_model_len=max(q.prompt_len + q.output_len for q in queries),
         detokenize=False,  # the bench counts tokens; text would only add CPU time
         num_threads=num_threads,  # global: HF generate later runs with the same count
+        carry_decode=carry_decode,
     )
     return LLMEngine(config, model=loaded)
 

@@ -38,6 +38,8 @@ class EngineConfig:
     schedule: Schedule = field(default_factory=default_schedule)
     num_threads: int | None = None  # torch intra-op threads; None = all cores
     detokenize: bool = True  # benchmarks that only count tokens can skip text
+    # encoding phases carry the running batch's decoding iteration (Scheduler.carry_decode)
+    carry_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -87,6 +89,7 @@ class StepCounters:
         if plan.phase is Phase.ENCODE:
             self.encode_steps += 1
             self.prompt_tokens += sum(r.num_prompt_tokens for r in plan.requests)
+            self.decode_rows += len(plan.carried)
             self.encode_s += seconds
         else:
             self.decode_steps += 1
@@ -106,7 +109,12 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len, self.model.max_model_len)
         executor = build_executor(self.model, config.max_num_seqs, self.max_model_len)
         self.runner = ModelRunner(executor, self.model.is_encoder_decoder)
-        self.scheduler = Scheduler(config.schedule, config.max_num_seqs, self.model.eos_token_ids)
+        self.scheduler = Scheduler(
+            config.schedule,
+            config.max_num_seqs,
+            self.model.eos_token_ids,
+            carry_decode=config.carry_decode,
+        )
         self._detok: dict[str, DetokenizerState] = {}
         self._aborted: list[Request] = []
         self.counters = StepCounters()

@@ -245,7 +245,7 @@ def _encode_point(
     loaded: LoadedModel, lo: _Slice, hi: _Slice, batch: int, length: int, opts: ProfileOptions
 ) -> tuple[float, float]:
     items = _prompts(loaded, batch, length, seed=length)
-    return _measure(lo, hi, lambda ex: ex.prefill(items), opts)
+    return _measure(lo, hi, lambda ex: ex.forward(items, [], []), opts)
 
 
 def _decode_point(
@@ -264,10 +264,12 @@ def _decode_point(
         )
         items = _prompts(loaded, batch, enc_len, seed=batch)
         for piece in (lo, hi):
-            piece.time_ms(lambda ex: ex.prefill(items))  # untimed: sets rows' encoder lengths
+            piece.time_ms(
+                lambda ex: ex.forward(items, [], [])
+            )  # untimed: sets rows' encoder lengths
         ctx = self_len
     tokens, lens = [1000] * batch, [ctx] * batch
-    return _measure(lo, hi, lambda ex: ex.decode(tokens, lens), opts)
+    return _measure(lo, hi, lambda ex: ex.forward([], tokens, lens), opts)
 
 
 def _profile_points(

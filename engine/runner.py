@@ -35,20 +35,18 @@ class ModelRunner:
             with record_function(KV_MOVE_LABEL):
                 for move in plan.moves:
                     self.executor.move_slot(move.src, move.dst, self.context_len(move.request))
+            items = []
             if plan.phase is Phase.ENCODE:
-                items = []
                 for r in plan.requests:
                     assert r.slot is not None, f"request {r.request_id} scheduled without a row"
                     items.append(EncodeItem(slot=r.slot, token_ids=r.prompt_ids))
-                logits = self.executor.prefill(items)
-            else:
-                logits = self.executor.decode(
-                    [r.output_ids[-1] for r in plan.requests],
-                    [self.context_len(r) for r in plan.requests],
-                )
+            rows = plan.carried if plan.phase is Phase.ENCODE else plan.requests
+            logits = self.executor.forward(
+                items, [r.output_ids[-1] for r in rows], [self.context_len(r) for r in rows]
+            )
             with record_function(SAMPLING_LABEL):
                 return sample(
                     logits,
-                    [r.params for r in plan.requests],
-                    [r.generator for r in plan.requests],
+                    [r.params for r in plan.computed],
+                    [r.generator for r in plan.computed],
                 )

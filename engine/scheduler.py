@@ -6,6 +6,9 @@ One step of the engine is
     tokens = runner.execute(plan)      # model forward + sampling; reads requests only
     changed = scheduler.update(plan, tokens)
 
+An encoding phase may carry the running rows' decoding iteration (`carry_decode`): the
+runner then makes a token for the new queries and for every running row in one pass.
+
 `update` is the only place a request changes. A query that finishes leaves at once
 (early termination): its KV row is released and the last running row is moved into it
 (see `engine.kv_slots`); the copy is carried in the next plan so the runner applies it
@@ -44,11 +47,30 @@ class StepPlan:
     phase: Phase
     requests: tuple[Request, ...]  # ENCODE: the new queries; DECODE: rows 0..n-1 in order
     moves: tuple[RowMove, ...] = ()
+    # ENCODE only: rows 0..n-1 decoding in the same forward pass (see `carry_decode`)
+    carried: tuple[Request, ...] = ()
+
+    @property
+    def computed(self) -> tuple[Request, ...]:
+        """Every request this step makes a token for, in the order of the runner's tokens."""
+        return self.requests + self.carried
 
 
 class Scheduler:
-    def __init__(self, schedule: Schedule, num_slots: int, eos_ids: frozenset[int]) -> None:
+    """carry_decode: an encoding phase also runs the running batch's next decoding
+    iteration in the same forward pass (ORCA's selective batching), so the running queries
+    never stall while new ones are encoded; False gives the paper's strict alternation."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        num_slots: int,
+        eos_ids: frozenset[int],
+        *,
+        carry_decode: bool = True,
+    ) -> None:
         self.eos_ids = eos_ids
+        self.carry_decode = carry_decode
         self.slots = SlotManager(num_slots)
         self.schedule_value = schedule
         self.policy: SchedulingPolicy = make_policy(schedule)
@@ -103,14 +125,16 @@ class Scheduler:
             self.policy = make_policy(self.schedule_value)
         admit = self.policy.num_to_admit(state)
         if admit:
+            carried = tuple(self.running()) if self.carry_decode else ()
             new = [self.waiting.popleft() for _ in range(admit)]
             now = time.monotonic()
             for request in new:
                 request.slot = self.slots.allocate(request.request_id)
                 request.status = RequestStatus.ENCODING
                 request.encode_start_time = now
-            self._iters_since_encode = 0
-            return StepPlan(Phase.ENCODE, tuple(new), moves)
+            # a carried iteration is the first of the N_D decoding iterations that follow
+            self._iters_since_encode = 1 if carried else 0
+            return StepPlan(Phase.ENCODE, tuple(new), moves, carried)
         if self.slots.num_used:
             self._iters_since_encode += 1
             return StepPlan(Phase.DECODE, tuple(self.running()), moves)
@@ -120,7 +144,7 @@ class Scheduler:
         """Append each row's new token, finish what is done; returns requests that changed."""
         now = time.monotonic()
         changed = []
-        for request, token in zip(plan.requests, tokens, strict=True):
+        for request, token in zip(plan.computed, tokens, strict=True):
             if request.status.is_finished:  # held row (static batching) or aborted mid-step
                 continue
             request.output_ids.append(token)

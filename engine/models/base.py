@@ -1,8 +1,11 @@
-"""What the runner needs from a model: encode a batch of new queries, decode the running rows.
+"""What the runner needs from a model: encode new queries and decode the running rows.
 
 Executors own the KV cache tensors. Rows of the cache are the slots of
-`engine.kv_slots.SlotManager`: the running batch is rows [0, n), so `decode` always works
+`engine.kv_slots.SlotManager`: the running batch is rows [0, n), so decoding always works
 on a contiguous prefix and `move_slot` implements compaction after early termination.
+One `forward` both encodes new queries (in rows n and up) and decodes the running rows, so
+an encoding phase can carry the running batch's next iteration: the projections then run
+once over prompt tokens and decode rows together, and the running queries do not stall.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ class EncodeItem:
 
 
 class ModelExecutor(Protocol):
-    def prefill(self, items: list[EncodeItem]) -> torch.Tensor:
-        """Encode each item into its slot; logits of its first output token, [len(items), vocab]."""
-        ...
+    def forward(
+        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+    ) -> torch.Tensor:
+        """Encode `items` into their slots and decode rows 0..n-1 in the same pass.
 
-    def decode(self, token_ids: list[int], context_lens: list[int]) -> torch.Tensor:
-        """One new token for each of rows 0..n-1; row i has context_lens[i] cached tokens.
-
-        Returns float32 logits [n, vocab] for the token after each new one.
+        Row i of the running batch has context_lens[i] cached tokens and token_ids[i] as its
+        new input. Returns float32 logits [len(items) + n, vocab]: each item's first output
+        token, then each row's next token. Either part may be empty.
         """
         ...
 

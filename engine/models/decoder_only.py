@@ -155,46 +155,53 @@ class DecoderOnlyExecutor:
         self.max_len = max_len
 
     @torch.inference_mode()
-    def prefill(self, items: list[EncodeItem]) -> torch.Tensor:
+    def forward(
+        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+    ) -> torch.Tensor:
         lengths = [len(item.token_ids) for item in items]
-        ids = torch.tensor([t for item in items for t in item.token_ids])
-        positions = torch.cat([torch.arange(n) for n in lengths])
-        h = self.arch.embed(ids, positions)  # [T, hidden], T = sum(lengths)
-        for i in range(len(self.arch.layers)):
-            q, k, v = self.arch.qkv(i, h)
-            start = 0
-            for item, n in zip(items, lengths, strict=True):
-                self.k_cache[i][item.slot, :, :n] = k[start : start + n].transpose(0, 1)
-                self.v_cache[i][item.slot, :, :n] = v[start : start + n].transpose(0, 1)
-                start += n
-            out = causal_prefill_attention(q, k, v, lengths, self.arch.attn_scale(i))
-            h = self.arch.finish_layer(i, h, out.flatten(1))
-        last = torch.tensor(lengths).cumsum(0) - 1
-        return self.arch.logits(h[last])
-
-    @torch.inference_mode()
-    def decode(self, token_ids: list[int], context_lens: list[int]) -> torch.Tensor:
+        packed = sum(lengths)  # prompt tokens first, then one token per running row
         n = len(token_ids)
-        positions = torch.tensor(context_lens)  # the new token's position in each row
+        ids = torch.tensor([t for item in items for t in item.token_ids] + token_ids)
+        decode_pos = torch.tensor(context_lens, dtype=torch.long)  # each new token's position
+        positions = torch.cat([*(torch.arange(length) for length in lengths), decode_pos])
         rows = torch.arange(n)
-        span = max(context_lens) + 1
+        span = max(context_lens, default=0) + 1
         # [n, 1, 1, span]: row r sees keys 0..context_lens[r] (its cache plus the new token)
-        mask = (torch.arange(span).unsqueeze(0) <= positions.unsqueeze(1))[:, None, None, :]
-        h = self.arch.embed(torch.tensor(token_ids), positions)  # [n, hidden]
+        mask = (torch.arange(span).unsqueeze(0) <= decode_pos.unsqueeze(1))[:, None, None, :]
+        h = self.arch.embed(ids, positions)  # [packed + n, hidden]
         for i in range(len(self.arch.layers)):
-            q, k, v = self.arch.qkv(i, h)  # q [n, heads, hd], k/v [n, kv_heads, hd]
+            q, k, v = self.arch.qkv(i, h)  # q [tokens, heads, hd], k/v [tokens, kv_heads, hd]
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            k_cache[rows, :, positions] = k
-            v_cache[rows, :, positions] = v
-            out = scaled_dot_product_attention(
-                q.unsqueeze(2),  # [n, heads, 1, hd]
-                k_cache[:n, :, :span],
-                v_cache[:n, :, :span],
-                attn_mask=mask,
-                scale=self.arch.attn_scale(i),
-                enable_gqa=True,
-            )
-            h = self.arch.finish_layer(i, h, out.flatten(1))
+            parts = []
+            if items:
+                start = 0
+                for item, length in zip(items, lengths, strict=True):
+                    end = start + length
+                    k_cache[item.slot, :, :length] = k[start:end].transpose(0, 1)
+                    v_cache[item.slot, :, :length] = v[start:end].transpose(0, 1)
+                    start = end
+                scale = self.arch.attn_scale(i)
+                parts.append(
+                    causal_prefill_attention(
+                        q[:packed], k[:packed], v[:packed], lengths, scale
+                    ).flatten(1)
+                )
+            if n:
+                k_cache[rows, :, decode_pos] = k[packed:]
+                v_cache[rows, :, decode_pos] = v[packed:]
+                out = scaled_dot_product_attention(
+                    q[packed:].unsqueeze(2),  # [n, heads, 1, hd]
+                    k_cache[:n, :, :span],
+                    v_cache[:n, :, :span],
+                    attn_mask=mask,
+                    scale=self.arch.attn_scale(i),
+                    enable_gqa=True,
+                )
+                parts.append(out.flatten(1))
+            h = self.arch.finish_layer(i, h, parts[0] if len(parts) == 1 else torch.cat(parts))
+        if items:  # an item's logits come from its last prompt token
+            last = torch.tensor(lengths).cumsum(0) - 1
+            h = torch.cat([h[last], h[packed:]])
         return self.arch.logits(h)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:

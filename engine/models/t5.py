@@ -3,7 +3,8 @@ keys and values are kept in the query's slot, and the decoder steps over a slot 
 
 Encoding a query = running the Hugging Face encoder on its prompt (no padding), projecting
 the encoder output into every decoder layer's cross-attention K/V, then one decoder step on
-the start token, which yields the first output token (as `generate` does).
+the start token, which yields the first output token (as `generate` does). That step is the
+running rows' decoding step too when an encoding phase carries one.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class T5Executor:
         self.enc_lens = torch.zeros(num_slots, dtype=torch.long)
 
     @torch.inference_mode()
-    def prefill(self, items: list[EncodeItem]) -> torch.Tensor:
+    def forward(
+        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+    ) -> torch.Tensor:
         for item in items:
             n = len(item.token_ids)
             enc = self.encoder(input_ids=torch.tensor([item.token_ids])).last_hidden_state[0]
@@ -49,12 +52,10 @@ class T5Executor:
                 self.cross_k[i][item.slot, :, :n] = self._heads(cross.k(enc)).transpose(0, 1)
                 self.cross_v[i][item.slot, :, :n] = self._heads(cross.v(enc)).transpose(0, 1)
             self.enc_lens[item.slot] = n
-        slots = torch.tensor([item.slot for item in items])
-        return self._step(slots, [self.start_id] * len(items), [0] * len(items))
-
-    @torch.inference_mode()
-    def decode(self, token_ids: list[int], context_lens: list[int]) -> torch.Tensor:
-        return self._step(torch.arange(len(token_ids)), token_ids, context_lens)
+        # one decoder step: the new queries on the start token, then the running rows
+        slots = torch.tensor([item.slot for item in items] + list(range(len(token_ids))))
+        starts = [self.start_id] * len(items)
+        return self._step(slots, starts + token_ids, [0] * len(items) + context_lens)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         for cache in (*self.self_k, *self.self_v):

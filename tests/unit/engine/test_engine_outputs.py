@@ -53,6 +53,25 @@ def test_greedy_matches_generate(load_cached, hf_greedy, model, schedule):
     config = EngineConfig(
         model=model, dtype="float32", max_num_seqs=5, max_model_len=96, schedule=schedule
     )
+    assert config.carry_decode  # encoding phases carry the running rows' iteration
+    got = run_engine(LLMEngine(config, loaded), queries)
+    for i, (prompt, n) in enumerate(queries):
+        assert got[f"q{i}"] == hf_greedy(loaded, prompt, n), f"query {i} differs"
+
+
+@pytest.mark.parametrize("model", ["random:llama", "random:t5"])
+def test_strict_alternation_matches_generate(load_cached, hf_greedy, model):
+    """The paper's form: encoding phases do not decode the running batch."""
+    loaded = load_cached(model)
+    queries = workload(seed=4, n=7)
+    config = EngineConfig(
+        model=model,
+        dtype="float32",
+        max_num_seqs=4,
+        max_model_len=96,
+        schedule=SCHEDULES[0],
+        carry_decode=False,
+    )
     got = run_engine(LLMEngine(config, loaded), queries)
     for i, (prompt, n) in enumerate(queries):
         assert got[f"q{i}"] == hf_greedy(loaded, prompt, n), f"query {i} differs"

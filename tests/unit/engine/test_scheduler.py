@@ -8,8 +8,9 @@ from engine.scheduler import Phase, Scheduler
 EOS = 2
 
 
-def make(schedule: Schedule, slots: int = 8) -> Scheduler:
-    return Scheduler(schedule, slots, frozenset({EOS}))
+def make(schedule: Schedule, slots: int = 8, carry_decode: bool = False) -> Scheduler:
+    # strict alternation unless a test asks for carried decoding iterations
+    return Scheduler(schedule, slots, frozenset({EOS}), carry_decode=carry_decode)
 
 
 def add(s: Scheduler, rid: str, max_tokens: int, ignore_eos: bool = False) -> Request:
@@ -21,7 +22,7 @@ def add(s: Scheduler, rid: str, max_tokens: int, ignore_eos: bool = False) -> Re
 def run_step(s: Scheduler, token: int = 9) -> tuple[Phase, list[str]]:
     plan = s.schedule()
     assert plan is not None
-    s.update(plan, [token] * len(plan.requests))
+    s.update(plan, [token] * len(plan.computed))
     s.slots.check_integrity()
     return plan.phase, [r.request_id for r in plan.requests]
 
@@ -36,6 +37,26 @@ def test_rra_encodes_b_e_then_decodes_n_d_times():
     assert phases[4] == (Phase.ENCODE, ["q2", "q3"])
     assert phases[5][1] == ["q0", "q1", "q2", "q3"]  # newly encoded queries joined the batch
     assert phases[8] == (Phase.ENCODE, ["q4"])
+
+
+def test_carried_encoding_phase_decodes_the_running_batch_and_counts_as_an_iteration():
+    s = make(Schedule(Policy.RRA, encode_batch=2, decode_iters=3, max_batch=8), carry_decode=True)
+    first = [add(s, f"q{i}", max_tokens=100) for i in range(2)]
+    add(s, "q2", max_tokens=100)
+    plan = s.schedule()
+    assert plan is not None and plan.carried == ()  # nothing runs yet: a plain encoding phase
+    s.update(plan, [9, 9])
+    phases = [run_step(s) for _ in range(3)]
+    assert [p for p, _ in phases] == [Phase.DECODE] * 3
+    plan = s.schedule()  # N_D = 3 iterations done: encode q2, carrying q0 and q1 along
+    assert plan is not None and plan.phase is Phase.ENCODE
+    assert [r.request_id for r in plan.requests] == ["q2"]
+    assert plan.carried == tuple(first)
+    s.update(plan, [7, 8, 8])
+    assert [r.output_ids[-1] for r in first] == [8, 8] and len(first[0].output_ids) == 5
+    # the carried pass was the first of the next N_D iterations: two more, then encode again
+    add(s, "q3", max_tokens=100)
+    assert [run_step(s)[0] for _ in range(3)] == [Phase.DECODE, Phase.DECODE, Phase.ENCODE]
 
 
 def test_finished_query_leaves_at_once_and_its_row_is_reused():
