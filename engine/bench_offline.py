@@ -50,16 +50,18 @@ class KnobGrid:
         return max(*self.static, *self.continuous, self.rra_max_batch)
 
 
+# RRA's admission rate is B_E / N_D queries per iteration: small rates keep the running batch
+# and every step short (tight bounds), large ones fill the batch (throughput).
 FULL_GRID = KnobGrid(
     static=(4, 8, 16, 32, 64),
     continuous=(4, 8, 16, 32, 64),
-    rra=tuple((be, nd) for be in (4, 8, 16, 32) for nd in (4, 8, 16, 32)),
+    rra=tuple((be, nd) for be in (1, 2, 4, 8, 16, 32) for nd in (1, 2, 4, 8, 16)),
     rra_max_batch=64,
 )
 QUICK_GRID = KnobGrid(
     static=BOUND_BATCHES,
-    continuous=(16, 32),
-    rra=((8, 4), (8, 16), (32, 4), (32, 16)),
+    continuous=(8, 16, 32),
+    rra=((1, 2), (1, 4), (1, 8), (2, 4), (4, 4), (8, 4), (16, 4)),
     rra_max_batch=32,
 )
 

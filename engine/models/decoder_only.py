@@ -55,9 +55,11 @@ class _LlamaArch:
         mlps = [layer.mlp for layer in self.layers]
         self.qkv_proj = [_linear(a.q_proj, a.k_proj, a.v_proj) for a in attns]
         self.o_proj = [_linear(a.o_proj) for a in attns]
-        self.gate_up_proj = [_linear(m.gate_proj, m.up_proj) for m in mlps]
+        if cfg.hidden_act not in ("silu", "swish"):
+            raise ValueError(f"unsupported MLP activation {cfg.hidden_act!r} (expected silu)")
+        self.gate_proj = [_linear(m.gate_proj) for m in mlps]
+        self.up_proj = [_linear(m.up_proj) for m in mlps]
         self.down_proj = [_linear(m.down_proj) for m in mlps]
-        self.act = [m.act_fn for m in mlps]
         self.lm_head = _linear(model.lm_head)
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -80,9 +82,10 @@ class _LlamaArch:
         return None
 
     def finish_layer(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        h = h + self.o_proj[i](attn_out)
-        gate, up = self.gate_up_proj[i].split(self.layers[i].post_attention_layernorm(h))
-        return h + self.down_proj[i](self.act[i](gate) * up)
+        h = self.o_proj[i].add(attn_out, h)
+        x = self.layers[i].post_attention_layernorm(h)
+        gated = self.up_proj[i].mul(x, self.gate_proj[i].silu(x))  # silu(gate(x)) * up(x)
+        return self.down_proj[i].add(gated, h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.body.norm(h)).float()

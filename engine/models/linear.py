@@ -8,12 +8,18 @@ mostly per-call cost and weight traffic, not arithmetic. Two things cut both:
 - bf16/fp16 weights reordered once into oneDNN's blocked layout (what inductor's freezing
   does for CPU linears), so no call re-packs its weight. On CPUs with AMX or AVX512-BF16
   this halves the time of a small-batch projection; the results are the same matmul.
+
+With packed weights the elementwise work around a projection also runs inside it, as
+oneDNN post-ops on the float32 accumulator (SiLU of the gate, times the gate for the up
+projection, plus the residual), saving a pass over the activations each: a third of the
+time of a long prompt's MLP here. Unpacked (float32, or no oneDNN) the same results come
+from separate operations in Hugging Face's order, bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.nn.functional import linear
+from torch.nn.functional import linear, silu
 
 _PACKED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -57,3 +63,27 @@ class FusedLinear:
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self(x).split(self.widths, dim=-1))
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x @ W.T + b)."""
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "swish", [], "")
+        return silu(self(x))
+
+    def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """(x @ W.T + b) * other."""
+        if self.packed:
+            return _binary(x, other, self.weight, self.bias, "mul")
+        return other * self(x)
+
+    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """other + (x @ W.T + b)."""
+        if self.packed:
+            return _binary(x, other, self.weight, self.bias, "add")
+        return other + self(x)
+
+
+def _binary(
+    x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, op: str
+) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other.contiguous(), weight, bias, op)

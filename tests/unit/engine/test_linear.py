@@ -38,3 +38,23 @@ def test_mismatched_biases_are_refused():
     weights, _ = _parts(torch.float32)
     with pytest.raises(ValueError, match="one bias"):
         FusedLinear(weights, [None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_elementwise_ops_match_the_separate_ones(dtype):
+    gen = torch.Generator().manual_seed(1)
+    weight = (torch.randn(32, 48, generator=gen) * 0.1).to(dtype)
+    proj = FusedLinear([weight], [None])
+    x = torch.randn(7, 48, generator=gen).to(dtype)
+    other = torch.randn(7, 32, generator=gen).to(dtype)
+    plain = torch.nn.functional.linear(x, weight)
+    cases = [
+        (proj.silu(x), torch.nn.functional.silu(plain)),
+        (proj.mul(x, other), other * plain),
+        (proj.add(x, other), other + plain),
+    ]
+    for got, want in cases:
+        if dtype == torch.float32:  # unpacked: Hugging Face's operations, bit for bit
+            assert torch.equal(got, want)
+        else:  # post-ops round once from float32 instead of twice
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
