@@ -15,7 +15,11 @@ load on a shared machine:
    client's socket, so it covers the IPC, the gateway's routing and the SSE write.
 
 Both rounds first run the whole workload once untimed (new batch shapes, HTTP
-connections), and delays are only taken from the timed round. The schedule defaults to
+connections), and delays are only taken from the timed round. The engine gets the threads
+`exegpt serve` gives it (all cores but one unless --num-threads says). The client process
+stands for remote clients: it parses nothing but event openings and runs at a low
+priority, so the CPU it needs on this machine stays out of the way of what is measured;
+its CPU per token is reported beside the gateway's. The schedule defaults to
 continuous batching: HTTP requests reach the engine a few milliseconds apart, and under
 RRA a lone first arrival runs its N_D decoding iterations before the rest are encoded,
 an engine scheduling effect this benchmark is not about (`--policy rra` shows it).
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,7 +41,7 @@ from typing import Any
 
 import msgspec
 
-from engine import protocol as p
+from gateway.app import engine_options
 from gateway.config import GatewayConfig
 from gateway.keys import ENGINE, METRICS
 from gateway.server import GatewayServer
@@ -49,18 +54,20 @@ def prompt_ids(num_tokens: int) -> list[int]:
     return [1000 + (i * 7) % 500 for i in range(num_tokens)]
 
 
-def engine_options(args: argparse.Namespace) -> p.EngineOptions:
-    return p.EngineOptions(
+def gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig(
         model=args.model,
         dtype=args.dtype,
+        port=0,
+        policy=args.policy,
         max_num_seqs=args.clients,
         max_model_len=args.prompt_tokens + args.max_tokens + 8,
-        policy=args.policy,
         num_threads=args.num_threads,
     )
 
 
 async def engine_round(args: argparse.Namespace) -> dict[str, float]:
+    """The same engine options as the served engine's (threads included), no gateway."""
     workload = {
         "num_requests": args.clients,
         "prompt_ids": prompt_ids(args.prompt_tokens),
@@ -71,7 +78,7 @@ async def engine_round(args: argparse.Namespace) -> dict[str, float]:
         "-m",
         "engine.process",
         "--options",
-        msgspec.json.encode(engine_options(args)).decode(),
+        msgspec.json.encode(engine_options(gateway_config(args))).decode(),
         "--baseline",
         json.dumps(workload),
         stdout=asyncio.subprocess.PIPE,
@@ -134,7 +141,11 @@ class StreamCounter(asyncio.Protocol):
 
 
 async def run_clients(url: str, args: argparse.Namespace) -> None:
-    """The client process: one untimed round, then, when the parent says go, the timed one."""
+    """The client process: one untimed round, then, when the parent says go, the timed one.
+
+    It stands for clients on other machines, so it runs at a low priority: on a small
+    machine it would otherwise take the core the gateway streams on at every token."""
+    os.nice(10)
     body = msgspec.json.encode(
         {
             "model": args.model,
@@ -212,17 +223,7 @@ async def gateway_round(args: argparse.Namespace, server: GatewayServer) -> dict
 
 
 async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
-    options = engine_options(args)
-    config = GatewayConfig(
-        model=options.model,
-        dtype=options.dtype,
-        port=0,
-        policy=options.policy,
-        max_num_seqs=options.max_num_seqs,
-        max_model_len=options.max_model_len,
-        num_threads=options.num_threads,
-    )
-    server = GatewayServer(config)
+    server = GatewayServer(gateway_config(args))
     await server.start()
     rounds: list[dict[str, Any]] = []
     try:
@@ -262,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="random:llama")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--num-threads", type=int, default=None, help="engine torch threads")
+    parser.add_argument(
+        "--num-threads", type=int, default=None, help="engine torch threads (as `exegpt serve`)"
+    )
     parser.add_argument("--policy", default="continuous", choices=("continuous", "rra", "static"))
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "policy": args.policy,
         "clients": args.clients,
-        "num_threads": args.num_threads,
+        "num_threads": gateway_config(args).engine_threads,
         "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens,
         "summary": summary,
