@@ -46,6 +46,7 @@ from gateway.config import GatewayConfig
 from gateway.keys import ENGINE, METRICS
 from gateway.server import GatewayServer
 
+OK = b"HTTP/1.1 200"
 EVENT = b"data: {"
 LAST = b"data: [DONE]\n\n\r\n0\r\n\r\n"  # the last SSE event, then the end chunk
 
@@ -118,7 +119,10 @@ class StreamCounter(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         window = self.tail + data
         if not self.is_ok:
-            if not window.startswith(b"HTTP/1.1 200"):
+            if len(window) < len(OK):
+                self.tail = window  # nothing counted yet: all of it is carried
+                return
+            if not window.startswith(OK):
                 self._finish(RuntimeError(f"unexpected response: {window[:200]!r}"))
                 return
             self.is_ok = True
