@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import signal
 import socket
@@ -297,16 +298,14 @@ def run_baseline(options: p.EngineOptions, workload: BaselineWorkload) -> dict[s
 
     engine = build_engine(options)
     params = SamplingParams(max_tokens=workload.max_tokens, ignore_eos=True)
-    engine.add_request("warmup", workload.prompt_ids, SamplingParams(max_tokens=4))
-    while engine.has_unfinished():
-        engine.step()
-    start = time.monotonic()
-    for i in range(workload.num_requests):
-        engine.add_request(f"b{i}", workload.prompt_ids, params)
-    num_tokens = 0
-    while engine.has_unfinished():
-        num_tokens += sum(len(o.new_token_ids) for o in engine.step())
-    seconds = time.monotonic() - start
+    for name in ("warmup", "timed"):  # the untimed round meets every batch shape first
+        start = time.monotonic()
+        for i in range(workload.num_requests):
+            engine.add_request(f"{name}-{i}", workload.prompt_ids, params)
+        num_tokens = 0
+        while engine.has_unfinished():
+            num_tokens += sum(len(o.new_token_ids) for o in engine.step())
+        seconds = time.monotonic() - start
     return {"tokens": num_tokens, "seconds": seconds, "tokens_per_s": num_tokens / seconds}
 
 
@@ -316,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--options", required=True, help="EngineOptions as JSON")
     parser.add_argument("--baseline", help="BaselineWorkload as JSON: run it, print JSON, exit")
     args = parser.parse_args(argv)
+    # OpenMP threads spin-wait between parallel regions by default: on a small machine the
+    # spinning takes the core the gateway needs to stream tokens (and, when another process
+    # holds one core, a spinning thread waits on a descheduled one). Passive threads sleep;
+    # set before torch loads OpenMP, and an explicit OMP_WAIT_POLICY still wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.baseline:
         options = msgspec.json.decode(args.options, type=p.EngineOptions)
         workload = msgspec.json.decode(args.baseline, type=BaselineWorkload)

@@ -29,17 +29,20 @@ logger = logging.getLogger(__name__)
 EngineFactory = Callable[[GatewayConfig], Awaitable[EngineClient]]
 
 
-async def spawn_engine(config: GatewayConfig) -> EngineClient:
-    options = p.EngineOptions(
+def engine_options(config: GatewayConfig) -> p.EngineOptions:
+    return p.EngineOptions(
         model=config.model,
         dtype=config.dtype,
         max_num_seqs=config.max_num_seqs,
         max_model_len=config.max_model_len,
         policy=config.policy,
         slo_s=config.slo_s,
-        num_threads=config.num_threads,
+        num_threads=config.engine_threads,
     )
-    return await EngineClient.spawn(options, config.max_queued_requests)
+
+
+async def spawn_engine(config: GatewayConfig) -> EngineClient:
+    return await EngineClient.spawn(engine_options(config), config.max_queued_requests)
 
 
 def engine_ctx(factory: EngineFactory) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -54,7 +54,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest max_tokens accepted (default: the context length)",
     )
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
-    parser.add_argument("--num-threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="engine torch threads (default: all cores but one, which the gateway keeps)",
+    )
     parser.add_argument(
         "--mqtt",
         default="embedded",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -25,7 +26,7 @@ class GatewayConfig:
     policy: str = "rra"
     max_num_seqs: int = 64
     max_model_len: int = 2048
-    num_threads: int | None = None
+    num_threads: int | None = None  # engine torch threads; None: all cores but one
     # Admission: requests in flight (queued in the engine or running) before 429.
     max_queued_requests: int = 1024
     retry_after_s: int = 1
@@ -51,6 +52,7 @@ class GatewayConfig:
             "retry_after_s": self.retry_after_s >= 1,
             "max_body_bytes": self.max_body_bytes >= 1024,
             "engine_start_timeout_s": self.engine_start_timeout_s > 0,
+            "num_threads": self.num_threads is None or self.num_threads >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -66,6 +68,14 @@ class GatewayConfig:
         for secret in ("api_key", "admin_token"):
             if getattr(self, secret) == "":
                 raise ValueError(f"{secret} must not be empty (leave it unset instead)")
+
+    @property
+    def engine_threads(self) -> int:
+        """The engine's torch threads. By default one core is left to the gateway: it
+        streams every token of every step, and when it has to wait for a core that the
+        engine's threads hold, each token waits with it (vLLM's CPU build reserves a core
+        for its front end by default for the same reason)."""
+        return self.num_threads or max(1, (os.cpu_count() or 1) - 1)
 
     @property
     def is_mqtt_enabled(self) -> bool:

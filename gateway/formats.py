@@ -1,4 +1,11 @@
-"""How a completion and a chat completion look on the wire (SSE chunks and full bodies)."""
+"""How a completion and a chat completion look on the wire (SSE chunks and full bodies).
+
+A stream sends one chunk per token that differs from the last only in its text, so each
+format encodes its chunk once with a marker for the text and keeps the bytes either side;
+a token's chunk is then those two parts around its JSON-encoded text. The template comes
+from the same Structs as every other chunk, so the bytes are the same as encoding the
+whole chunk each time.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +32,25 @@ def sse(payload: msgspec.Struct) -> bytes:
     return b"data: " + _encode(payload) + b"\n\n"
 
 
+_MARKER = "\x00exegpt-text\x00"
+
+
+class TextChunk:
+    """The SSE event of one text delta, split around its text once per stream."""
+
+    def __init__(self, template: msgspec.Struct) -> None:
+        parts = sse(template).split(_encode(_MARKER))
+        if len(parts) != 2:
+            raise ValueError("the chunk template must hold the text marker exactly once")
+        self.head, self.tail = parts
+
+    def __call__(self, text: str) -> bytes:
+        return self.head + _encode(text) + self.tail
+
+
 class ResponseFormat(Protocol):
     def opening(self) -> bytes: ...
+    def text_chunk(self, text: str) -> bytes: ...
     def chunk(self, text: str, finish_reason: str | None) -> bytes: ...
     def usage_chunk(self, usage: Usage) -> bytes: ...
     def full(self, text: str, finish_reason: str, usage: Usage) -> bytes: ...
@@ -35,6 +59,7 @@ class ResponseFormat(Protocol):
 class CompletionFormat:
     def __init__(self, request_id: str, model: str, created: int) -> None:
         self.request_id, self.model, self.created = request_id, model, created
+        self.text_chunk = TextChunk(self._body([CompletionChoice(0, _MARKER, None)], None))
 
     def _body(self, choices: list[CompletionChoice], usage: Usage | None) -> Completion:
         return Completion(self.request_id, self.created, self.model, choices, usage)
@@ -55,6 +80,8 @@ class CompletionFormat:
 class ChatFormat:
     def __init__(self, request_id: str, model: str, created: int) -> None:
         self.request_id, self.model, self.created = request_id, model, created
+        choice = ChatChunkChoice(0, ChatDelta(content=_MARKER))
+        self.text_chunk = TextChunk(ChatCompletionChunk(request_id, created, model, [choice]))
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None) -> bytes:
         return sse(ChatCompletionChunk(self.request_id, self.created, self.model, choices, usage))

@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from engine import protocol as p
-from gateway.engine_client import EngineUnavailable, Overloaded, RequestStream
+from gateway.engine_client import EngineUnavailable, Overloaded, RequestStream, StreamEvent
 from gateway.errors import ApiError, error_body
 from gateway.formats import ChatFormat, CompletionFormat, ResponseFormat
 from gateway.keys import CONFIG, ENGINE, METRICS
@@ -191,43 +191,56 @@ async def stream_events(
     include_usage: bool,
     start: float,
 ) -> web.StreamResponse:
-    metrics = request.app[METRICS]
+    metrics, queue = request.app[METRICS], stream.queue
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    out = bytearray(fmt.opening())
-    is_first = True
-    while True:
+    chunks = [fmt.opening()]
+    emitted_at: list[float] = []  # of the token deltas in `chunks`
+    is_first, is_done = True, False
+    while not is_done:
         # Everything already queued goes out in one write: fewer syscalls under load,
         # still one SSE event per engine delta.
-        events = [await stream.queue.get()]
-        while not stream.queue.empty():
-            events.append(stream.queue.get_nowait())
-        for event in events:
+        event = await queue.get()
+        num_tokens = 0
+        while True:
             if isinstance(event, p.TokenDelta):
-                if is_first:
-                    metrics.ttft.observe(time.monotonic() - start)
-                    is_first = False
-                metrics.on_tokens(len(event.token_ids))
-                out += fmt.chunk(event.text, None)
-            elif isinstance(event, p.Finished):
-                out += fmt.chunk("", event.finish_reason)
-                if include_usage:
-                    out += fmt.usage_chunk(usage_of(event))
-                out += DONE
-                metrics.on_finished(time.monotonic() - start)
-            elif isinstance(event, p.Error):
-                out += b"data: " + error_body(event.status, event.message) + b"\n\n" + DONE
-                metrics.requests.labels("error").inc()
-        await response.write(bytes(out))
-        out.clear()
+                chunks.append(fmt.text_chunk(event.text))
+                emitted_at.append(event.emitted_at)
+                num_tokens += len(event.token_ids)
+            else:
+                chunks.append(closing(event, fmt, include_usage))
+                is_done = True
+                break
+            if queue.empty():
+                break
+            event = queue.get_nowait()
+        if num_tokens:
+            if is_first:
+                metrics.ttft.observe(time.monotonic() - start)
+                is_first = False
+            metrics.on_tokens(num_tokens)
+        await response.write(b"".join(chunks))
         written = time.monotonic()
-        for event in events:
-            if isinstance(event, p.TokenDelta):
-                metrics.on_written(event.emitted_at, written)
-        if isinstance(events[-1], p.Finished | p.Error):
-            break
+        for stamp in emitted_at:
+            metrics.on_written(stamp, written)
+        chunks.clear()
+        emitted_at.clear()
+    if isinstance(event, p.Finished):
+        metrics.on_finished(time.monotonic() - start)
+    else:
+        metrics.requests.labels("error").inc()
     await response.write_eof()
     return response
+
+
+def closing(event: StreamEvent, fmt: ResponseFormat, include_usage: bool) -> bytes:
+    """The last events of a stream: finish reason (and usage), or the error; then [DONE]."""
+    if isinstance(event, p.Finished):
+        usage = fmt.usage_chunk(usage_of(event)) if include_usage else b""
+        return fmt.chunk("", event.finish_reason) + usage + DONE
+    if isinstance(event, p.Error):
+        return b"data: " + error_body(event.status, event.message) + b"\n\n" + DONE
+    raise AssertionError(f"unexpected {event!r} after Accepted")
 
 
 async def collect(

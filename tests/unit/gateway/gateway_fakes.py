@@ -1,14 +1,16 @@
 """A fake engine process side, built from the protocol messages, for gateway unit tests.
 
 The fake runs as an asyncio task on one end of a socketpair and answers like the engine
-process: Ready at start, Accepted (or Error) per Submit, `num_tokens` TokenDeltas, then
-Finished. With `hold=True` requests stay open until aborted, to test admission and shutdown.
+process: Ready at start, Accepted (or Error) per Submit, `num_tokens` TokenDeltas (texts
+"t0 ", "t1 ", ... or the given `texts`, stamped like the engine's), then Finished. With
+`hold=True` requests stay open until aborted, to test admission and shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ SCHEDULE = p.ScheduleInfo("rra", 4, 2, 8, "rra(B_E=4, N_D=2)", 3.0, 1.6)
 @dataclass
 class FakeEngine:
     num_tokens: int = 4
+    texts: list[str] | None = None  # the deltas' texts; None: "t0 ", "t1 ", ...
     hold: bool = False
     max_model_len: int = 64
     submitted: list[p.Submit] = field(default_factory=list)
@@ -60,10 +63,12 @@ class FakeEngine:
             if self.hold:
                 self.open_ids.add(message.request_id)
                 return [accepted, p.TokenDelta(message.request_id, [1], "a")]
+            texts = self.texts or [f"t{i} " for i in range(self.num_tokens)]
+            now = time.monotonic()
             deltas: list[p.FromEngine] = [
-                p.TokenDelta(message.request_id, [i], f"t{i} ") for i in range(self.num_tokens)
+                p.TokenDelta(message.request_id, [i], text, now) for i, text in enumerate(texts)
             ]
-            done = p.Finished(message.request_id, "length", len(prompt), self.num_tokens)
+            done = p.Finished(message.request_id, "length", len(prompt), len(texts))
             return [accepted, *deltas, done]
         if isinstance(message, p.Abort):
             self.aborted.append(message.request_id)

@@ -55,6 +55,32 @@ async def test_chat_stream_is_sse_with_role_usage_and_done(http: aiohttp.ClientS
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
 
 
+TRICKY_TEXTS = ['"quoted"', "back\\slash", "new\nline\t", "é🙂", "", "\x00exegpt-text\x00", "</s>"]
+
+
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+async def test_streamed_text_arrives_exactly_in_order(
+    http: aiohttp.ClientSession, route: str
+) -> None:
+    async with fake_gateway(FakeEngine(texts=TRICKY_TEXTS)) as server:
+        body: dict[str, object] = {"model": "fake", "stream": True}
+        if route == "completions":
+            body["prompt"] = "hi"
+        else:
+            body["messages"] = [{"role": "user", "content": "hi"}]
+        async with http.post(f"{server.url}/v1/{route}", json=body) as r:
+            payloads = sse_payloads(await r.text())
+    chunks = [json.loads(x) for x in payloads[:-1]]
+    if route == "chat/completions":
+        chunks = chunks[1:]  # the role chunk
+        texts = [c["choices"][0]["delta"]["content"] for c in chunks[:-1]]
+    else:
+        texts = [c["choices"][0]["text"] for c in chunks[:-1]]
+    assert texts == TRICKY_TEXTS
+    assert len({c["id"] for c in chunks}) == 1 and {c["model"] for c in chunks} == {"fake"}
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * len(texts) + ["length"]
+
+
 async def test_engine_rejection_is_400_before_streaming(http: aiohttp.ClientSession) -> None:
     async with fake_gateway(FakeEngine(max_model_len=64)) as server:
         body = {"model": "fake", "prompt": "x" * 100, "max_tokens": 4, "stream": True}
@@ -146,9 +172,17 @@ async def test_metrics_count_outcomes(http: aiohttp.ClientSession) -> None:
             pass
         async with http.post(f"{server.url}/v1/completions", json={**body, "model": "x"}):
             pass
+        async with http.post(f"{server.url}/v1/completions", json={**body, "stream": True}) as r:
+            await r.read()
         async with http.get(f"{server.url}/metrics") as r:
             text = await r.text()
-    assert 'exegpt_requests_total{outcome="finished"} 1.0' in text
-    assert "exegpt_e2e_latency_seconds_count 1.0" in text
-    assert "exegpt_time_to_first_token_seconds_count 1.0" in text
-    assert "exegpt_generated_tokens_total 2.0" in text
+    assert 'exegpt_requests_total{outcome="finished"} 2.0' in text
+    assert "exegpt_e2e_latency_seconds_count 2.0" in text
+    assert "exegpt_time_to_first_token_seconds_count 2.0" in text
+    assert "exegpt_generated_tokens_total 4.0" in text
+    # the gateway's added delay is measured per streamed token, into cumulative buckets
+    assert "exegpt_token_delay_seconds_count 2.0" in text
+    assert 'exegpt_token_delay_seconds_bucket{le="+Inf"} 2.0' in text
+    buckets = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("exegpt_token_delay_seconds_bucket")]  # fmt: skip
+    assert len(buckets) == 11 and buckets == sorted(buckets)

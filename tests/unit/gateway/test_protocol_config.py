@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import msgspec
 import pytest
 
@@ -44,11 +46,17 @@ def test_frame_guards() -> None:
         ({"mqtt": "http://x"}, "mqtt://"),
         ({"max_num_seqs": 0}, "max_num_seqs"),
         ({"admin_token": ""}, "admin_token"),
+        ({"num_threads": 0}, "num_threads"),
     ],
 )
 def test_config_rejects_bad_values(overrides: dict[str, object], words: str) -> None:
     with pytest.raises(ValueError, match=words):
         GatewayConfig(**overrides)  # type: ignore[arg-type]
+
+
+def test_engine_leaves_the_gateway_a_core_unless_told() -> None:
+    assert GatewayConfig().engine_threads == max(1, (os.cpu_count() or 1) - 1)
+    assert GatewayConfig(num_threads=3).engine_threads == 3
 
 
 def test_mqtt_targets() -> None:
