@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from engine.models import build_executor
 from engine.request import Request
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Phase, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,16 @@ class EngineStats:
     schedule: Schedule
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    """What the last step ran and how long the model took: the controller's refit input."""
+
+    is_encode: bool
+    batch: int
+    length: float  # mean prompt length (encode) or mean cached context (decode)
+    seconds: float
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: LoadedModel | None = None) -> None:
         self.config = config
@@ -82,6 +93,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.schedule, config.max_num_seqs, self.model.eos_token_ids)
         self._detok: dict[str, DetokenizerState] = {}
         self._aborted: list[Request] = []
+        self.last_step: StepTiming | None = None
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         total = len(prompt_ids) + params.max_tokens
@@ -118,7 +130,15 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan is None:
             return outputs
+        started = time.perf_counter()
         tokens = self.runner.execute(plan)
+        is_encode = plan.phase is Phase.ENCODE
+        lengths = [
+            r.num_prompt_tokens if is_encode else self.runner.context_len(r) for r in plan.requests
+        ]
+        self.last_step = StepTiming(
+            is_encode, len(lengths), sum(lengths) / len(lengths), time.perf_counter() - started
+        )
         for request in self.scheduler.update(plan, tokens):
             text = self._new_text(request)
             outputs.append(self._output(request, request.output_ids[-1:], text))

@@ -38,6 +38,8 @@ async def spawn_engine(config: GatewayConfig) -> EngineClient:
         policy=config.policy,
         slo_s=config.slo_s,
         num_threads=config.num_threads,
+        profile=config.profile,
+        adapt=config.adapt,
     )
     return await EngineClient.spawn(options, config.max_queued_requests)
 
