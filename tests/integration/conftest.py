@@ -123,6 +123,12 @@ async def start_gateway(**overrides: Any) -> AsyncIterator[GatewayServer]:
 
 
 @pytest.fixture(scope="session")
+def make_gateway() -> Any:
+    """Factory: `async with make_gateway(**overrides) as server` (start_gateway)."""
+    return start_gateway
+
+
+@pytest.fixture(scope="session")
 async def gateway(mosquitto: Mosquitto) -> AsyncIterator[GatewayServer]:
     """One served model for the session, consuming MQTT from the session broker."""
     async with start_gateway(mqtt=f"mqtt://127.0.0.1:{mosquitto.port}") as server:

@@ -50,7 +50,12 @@ def run(engine: LLMEngine, queries: list[tuple[list[int], int]], switch_every: i
 
 def engine(load_cached) -> LLMEngine:  # type: ignore[no-untyped-def]
     config = EngineConfig(
-        model="random:llama", dtype="float32", max_num_seqs=6, max_model_len=96, schedule=START
+        model="random:llama",
+        dtype="float32",
+        max_num_seqs=6,
+        max_model_len=96,
+        schedule=START,
+        num_threads=1,
     )
     return LLMEngine(config, load_cached("random:llama"))
 
@@ -58,8 +63,8 @@ def engine(load_cached) -> LLMEngine:  # type: ignore[no-untyped-def]
 def test_switching_under_load_keeps_every_token(load_cached) -> None:  # type: ignore[no-untyped-def]
     rng = random.Random(7)
     queries = [
-        ([rng.randrange(100, 40000) for _ in range(rng.randrange(2, 40))], rng.randrange(4, 20))
-        for _ in range(24)
+        ([rng.randrange(100, 40000) for _ in range(rng.randrange(2, 40))], rng.randrange(4, 14))
+        for _ in range(16)
     ]
     unswitched = run(engine(load_cached), queries, switch_every=0)
     switched = run(engine(load_cached), queries, switch_every=5)
