@@ -38,6 +38,7 @@ class Adaptation:
         self.controller = controller
         self.profile_source = profile_source
         self._active = engine.stats().schedule
+        self._wall_offset = time.time() - time.monotonic()  # one offset: stable wall times
 
     @property
     def is_solving(self) -> bool:
@@ -104,7 +105,7 @@ class Adaptation:
             is_enabled=s.is_enabled,
             lengths=lengths,
             reason=s.reason.value,
-            last_change_at=time.time() - (time.monotonic() - s.changed_at),
+            last_change_at=self._wall_offset + s.changed_at,
             last_change_reason=s.change_reason.value,
             num_solves=s.num_solves,
             last_solve_ms=s.last_solve_ms,
