@@ -61,6 +61,7 @@ class AdaptiveConfig:
     min_requests: int = 16  # finished since the last solve before drift or latency count
     drift_threshold: float = 0.3  # relative change of a planner input (see module doc)
     cooldown_s: float = 1.0  # least time between two triggers
+    check_interval_s: float = 0.1  # triggers are evaluated at most this often
     breach_tolerance: float = 0.05  # measured p99 above bound * (1 + this) is a breach
     min_margin: float = 0.3  # the planner's bound never drops below bound * this
     refit_threshold: float = 0.25  # |measured / predicted - 1| of step times past the fit
@@ -74,6 +75,7 @@ class AdaptiveConfig:
             "min_requests": self.min_requests >= 1,
             "drift_threshold": self.drift_threshold > 0,
             "cooldown_s": self.cooldown_s >= 0,
+            "check_interval_s": self.check_interval_s >= 0,
             "breach_tolerance": self.breach_tolerance >= 0,
             "min_margin": 0 < self.min_margin <= 1,
             "refit_threshold": self.refit_threshold > 0,
@@ -149,6 +151,7 @@ class Controller:
         self._margin = 1.0
         self._since_solve = 0
         self._last_trigger = -math.inf
+        self._next_check = -math.inf
         self._lock = threading.Lock()
         self._pending: deque[Future[Decision]] = deque()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="exegpt-planner")
@@ -218,8 +221,9 @@ class Controller:
         if not self.config.is_enabled or self._pending:
             return None
         now = self.clock()
-        if now - self._last_trigger < self.config.cooldown_s:
+        if now < self._next_check or now - self._last_trigger < self.config.cooldown_s:
             return None
+        self._next_check = now + self.config.check_interval_s
         self._fitted = self._fit_scales()
         reason = self._due()
         if reason is not None:

@@ -82,6 +82,7 @@ def test_min_requests_and_cooldown_hold_a_re_solve_back(target: ServingTarget) -
     clock.now += 10
     assert controller.check() is None  # 8 < min_requests
     finish(controller, LengthDistribution.from_task("G"), 40, seed=1)
+    clock.now += 0.2  # past the check interval
     assert controller.check() is Trigger.DRIFT
     settle(controller)
     finish(controller, LengthDistribution.from_task("S"), 100, seed=2)
