@@ -45,6 +45,7 @@ def engine_baseline(args: argparse.Namespace) -> dict[str, float]:
         dtype=args.dtype,
         max_num_seqs=args.clients,
         max_model_len=args.prompt_tokens + args.max_tokens + 8,
+        adapt=False,  # both sides run the schedule solved at start
     )
     workload = {
         "num_requests": args.clients,
@@ -132,6 +133,7 @@ async def through_gateway(args: argparse.Namespace) -> dict[str, Any]:
         port=0,
         max_num_seqs=args.clients,
         max_model_len=args.prompt_tokens + args.max_tokens + 8,
+        adapt=False,  # the schedule the engine-alone baseline runs
     )
     server = GatewayServer(config)
     await server.start()
