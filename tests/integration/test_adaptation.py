@@ -80,6 +80,44 @@ async def put_slo(http: aiohttp.ClientSession, server: GatewayServer, bound: flo
         return state
 
 
+async def test_drift_re_solves_then_an_slo_change_meets_the_bound(server: GatewayServer) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        await stream_all(server)  # a fresh server: short traffic against the C1 prior
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            async with http.get(f"{server.url}/v1/slo") as r:
+                adaptation = (await r.json())["adaptation"]
+            if adaptation["reason"] in ("drift", "refit") or (
+                asyncio.get_running_loop().time() > deadline
+            ):
+                break
+            await asyncio.sleep(0.1)
+        assert adaptation["reason"] in ("drift", "refit"), adaptation
+        lengths = adaptation["lengths"]
+        mean_out = sum(n for _, n in QUERIES) / len(QUERIES)
+        assert lengths["mean_output"] == pytest.approx(mean_out, rel=0.3)
+        assert lengths["mean_input"] < 20 and lengths["p99_output"] <= max(n for _, n in QUERIES)
+        async with http.get(f"{server.url}/metrics") as r:
+            text = await r.text()
+        loose = await put_slo(http, server, None)
+        unbounded = loose["schedule"]["predicted_latency_s"]
+        tight = await put_slo(http, server, unbounded / 2)
+        if tight["is_feasible"]:
+            assert tight["schedule"]["predicted_latency_s"] <= unbounded / 2
+        else:  # nothing meets it: the lowest-latency schedule, said so
+            assert tight["schedule"]["predicted_latency_s"] > unbounded / 2
+        assert tight["schedule"]["predicted_latency_s"] <= unbounded
+        await put_slo(http, server, None)
+    found = re.search(r'^exegpt_length_mean_tokens\{kind="output"\} (\S+)$', text, re.MULTILINE)
+    assert found and float(found.group(1)) == pytest.approx(lengths["mean_output"], rel=0.3)
+    for name in (
+        "exegpt_predicted_latency_seconds",
+        "exegpt_schedule_solves",
+        "exegpt_slo_attainment",
+    ):
+        assert re.search(rf"^{name} ", text, re.MULTILINE), name
+
+
 async def test_switching_under_load_drops_nothing_and_keeps_tokens(
     server: GatewayServer,
 ) -> None:
@@ -103,41 +141,3 @@ async def test_switching_under_load_drops_nothing_and_keeps_tokens(
     assert adaptation["num_finished"] >= 2 * len(QUERIES)
     assert adaptation["num_solves"] >= 1 + len(applied)
     assert adaptation["switch_delay_s"] is not None and adaptation["switch_delay_s"] < 1.0
-
-
-async def test_slo_change_meets_the_bound_and_drift_re_solves(server: GatewayServer) -> None:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-        loose = await put_slo(http, server, None)
-        unbounded = loose["schedule"]["predicted_latency_s"]
-        tight = await put_slo(http, server, unbounded / 2)
-        if tight["is_feasible"]:
-            assert tight["schedule"]["predicted_latency_s"] <= unbounded / 2
-        else:  # nothing meets it: the lowest-latency schedule, said so
-            assert tight["schedule"]["predicted_latency_s"] > unbounded / 2
-        assert tight["schedule"]["predicted_latency_s"] <= unbounded
-        await put_slo(http, server, None)
-        await stream_all(server)  # short traffic against the C1 prior
-        deadline = asyncio.get_running_loop().time() + 10
-        while True:
-            async with http.get(f"{server.url}/v1/slo") as r:
-                adaptation = (await r.json())["adaptation"]
-            if adaptation["reason"] in ("drift", "refit") or (
-                asyncio.get_running_loop().time() > deadline
-            ):
-                break
-            await asyncio.sleep(0.1)
-        assert adaptation["reason"] in ("drift", "refit"), adaptation
-        lengths = adaptation["lengths"]
-        mean_out = sum(n for _, n in QUERIES) / len(QUERIES)
-        assert lengths["mean_output"] == pytest.approx(mean_out, rel=0.3)
-        assert lengths["mean_input"] < 20 and lengths["p99_output"] <= max(n for _, n in QUERIES)
-        async with http.get(f"{server.url}/metrics") as r:
-            text = await r.text()
-    found = re.search(r'^exegpt_length_mean_tokens\{kind="output"\} (\S+)$', text, re.MULTILINE)
-    assert found and float(found.group(1)) == pytest.approx(lengths["mean_output"], rel=0.3)
-    for name in (
-        "exegpt_predicted_latency_seconds",
-        "exegpt_schedule_solves",
-        "exegpt_slo_attainment",
-    ):
-        assert re.search(rf"^{name} ", text, re.MULTILINE), name
