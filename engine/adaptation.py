@@ -16,7 +16,7 @@ import time
 import torch
 
 from adaptive.controller import AdaptiveConfig, Controller, ControllerState, Decision
-from adaptive.distributions import LengthDistribution
+from adaptive.distributions import TASKS, LengthDistribution
 from adaptive.schedule import Policy
 from adaptive.serving import ServingTarget
 from engine import protocol as p
@@ -28,8 +28,15 @@ from engine.profile_cache import serving_profile
 logger = logging.getLogger(__name__)
 
 # Before the first requests finish, the planner assumes the paper's conversational task
-# (moderate prompts and outputs); live histograms replace it after min_requests.
+# (moderate prompts and outputs), shrunk to fit the context when it is shorter; live
+# histograms replace it after min_requests.
 PRIOR_TASK = "C1"
+
+
+def prior_lengths(max_len: int) -> LengthDistribution:
+    spec = TASKS[PRIOR_TASK]
+    longest = spec.input_max + spec.output_max
+    return LengthDistribution.from_task(PRIOR_TASK, scale=min(1.0, max_len / longest))
 
 
 class Adaptation:
@@ -136,7 +143,7 @@ def build_adaptive_engine(options: p.EngineOptions) -> Adaptation:
     controller = Controller(
         target,
         AdaptiveConfig(is_enabled=options.adapt),
-        LengthDistribution.from_task(PRIOR_TASK),
+        prior_lengths(max_len),
         options.slo_s,
         max_len=max_len,
     )

@@ -212,11 +212,19 @@ async def watch_change(http: aiohttp.ClientSession, url: str, since: float) -> f
         await asyncio.sleep(0.05)
 
 
-async def slo_state(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+async def slo_state(http: aiohttp.ClientSession, url: str, tries: int = 20) -> dict[str, Any]:
+    """GET /v1/slo; a busy engine may miss the gateway's 2 s stats deadline (503): retry."""
+    for _ in range(tries - 1):
+        async with http.get(f"{url}/v1/slo") as r:
+            if r.status != 503:
+                r.raise_for_status()
+                state: dict[str, Any] = await r.json()
+                return state
+        await asyncio.sleep(0.25)
     async with http.get(f"{url}/v1/slo") as r:
         r.raise_for_status()
-        state: dict[str, Any] = await r.json()
-        return state
+        last: dict[str, Any] = await r.json()
+        return last
 
 
 async def complete(

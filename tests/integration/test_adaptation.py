@@ -2,7 +2,8 @@
 controller re-solves from live lengths, and switching under load changes no stream.
 
 The server starts on the quick profile (measured once per machine in seconds, then cached)
-and the paper's C1 task as its prior; these requests are far shorter, so the live
+and the paper's C1 task (shrunk to the context) as its prior; these requests are far
+shorter, so the live
 histograms drift from the prior as soon as enough requests finish.
 """
 
