@@ -3,8 +3,7 @@ controller re-solves from live lengths, and switching under load changes no stre
 
 The server starts on the quick profile (measured once per machine in seconds, then cached)
 and the paper's C1 task (shrunk to the context) as its prior; these requests are far
-shorter, so the live
-histograms drift from the prior as soon as enough requests finish.
+shorter, so the live histograms drift from the prior as soon as enough requests finish.
 """
 
 from __future__ import annotations
