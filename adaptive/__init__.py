@@ -8,6 +8,11 @@ Public entry points (the engine and the online controller call these):
     simulate(profile, cluster, dist, schedule, slo_s=) -> Prediction
     simulate_discrete(profile, cluster, dist, schedule, num_queries=, seed=) -> DiscreteResult
     solve(profile, cluster, dist, slo_s, policies=, exhaustive=) -> Plan
+
+Online (the engine process): `adaptive.online.LiveLengths` (decayed length histograms),
+`adaptive.serving.ServingTarget` (one engine as a planning target) and
+`adaptive.controller.Controller` (owns the schedule, re-solves on SLO change, drift,
+latency breach and profile refit).
 """
 
 from adaptive.cluster import Cluster, Link, preset_cluster

@@ -117,7 +117,7 @@ class LengthDistribution:
 
     @classmethod
     def from_task(
-        cls, task: str, *, num_samples: int | None = None, seed: int = 0
+        cls, task: str, *, num_samples: int | None = None, seed: int = 0, scale: float = 1.0
     ) -> LengthDistribution:
         """The paper's Table 3 task as truncated normals on [1, max].
 
@@ -125,11 +125,24 @@ class LengthDistribution:
         with it, num_samples lengths are drawn with numpy's default_rng(seed), by
         rejection as in the anchor workloads. Either way the latency target is Table 3's
         99th-percentile output length, because no simple reading of (mean, std)
-        reproduces the paper's percentiles.
+        reproduces the paper's percentiles. `scale` shrinks every length (mean, spread,
+        maximum, p99) by that factor, e.g. to fit a smaller context.
         """
         spec = TASKS.get(task.upper())
         if spec is None:
             raise PlanningError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        if not 0 < scale <= 1:
+            raise PlanningError(f"scale must be in (0, 1], got {scale}")
+        if scale < 1:
+            spec = TaskSpec(
+                input_mean=spec.input_mean * scale,
+                input_std=spec.input_std * scale,
+                input_max=max(1, round(spec.input_max * scale)),
+                output_mean=spec.output_mean * scale,
+                output_std=spec.output_std * scale,
+                output_p99=max(1, round(spec.output_p99 * scale)),
+                output_max=max(1, round(spec.output_max * scale)),
+            )
         if num_samples is None:
             inputs = _truncated_normal_pmf(spec.input_mean, spec.input_std, spec.input_max)
             outputs = _truncated_normal_pmf(spec.output_mean, spec.output_std, spec.output_max)

@@ -130,6 +130,11 @@ def parse_profile(raw: Any, *, source: str = "<dict>") -> Profile:
     if not isinstance(entries, list) or not entries:
         raise PlanningError(f"malformed profile {source}: 'tp' must be a non-empty list")
     points = _collect_points(entries, is_encdec, source)
+    if isinstance(raw.get("head_ms"), dict):
+        per_kind = (
+            (shape["layers"] // 2, shape["layers"] // 2) if is_encdec else (shape["layers"],) * 2
+        )
+        _fold_head(points, raw["head_ms"], is_encdec, per_kind)
     tps = tuple(sorted(points))
     tables, b0, l0 = _dense_tables(points, tps, source)
     attn = shape["heads"] * shape["head_dim"]
@@ -183,6 +188,25 @@ def _collect_points(entries: list[Any], is_encdec: bool, source: str) -> Points:
         if not any(points[tp][kind] for tp in points):
             raise PlanningError(f"malformed profile {source}: no {label} points at any tp")
     return points
+
+
+def _fold_head(
+    points: Points, head_ms: dict[str, Any], is_encdec: bool, layers: tuple[int, int]
+) -> None:
+    """Spread an engine profile's per-step head time (embedding, final norm, LM head,
+    sampling; `exegpt profile` writes it beside the layer times) over the layers.
+
+    The simulator prices a step as layers x layer time; on a small model the head is a
+    large share of a decode step, and without it predictions would undershoot what the
+    engine measures. Only the tp=1 entry has a head (the engine profiles one device).
+    """
+    if 1 not in points:
+        return
+    keys = ("encode", "cross_decode" if is_encdec else "decode")
+    for kind, (key, num_layers) in enumerate(zip(keys, layers, strict=True)):
+        head = {(row[0], row[1]): row[2] for row in head_ms.get(key, []) if len(row) == 3}
+        for row in points[1][kind]:
+            row[2] += head.get((row[0], row[1]), 0.0) / num_layers
 
 
 def _dense_tables(

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 
 from adaptive.cluster import Cluster
 from adaptive.distributions import LengthDistribution
-from adaptive.errors import PlanningError
+from adaptive.errors import InfeasibleBound, PlanningError
 from adaptive.profile import Profile
 from adaptive.schedule import Policy, Schedule
 from adaptive.simulator import (
@@ -347,9 +347,10 @@ def solve_scenario(
         names = ", ".join(p.value for p in policies)
         if math.isinf(search.min_latency):
             raise PlanningError(f"no {names} schedule fits in device memory on this cluster")
-        raise PlanningError(
+        raise InfeasibleBound(
             f"no {names} schedule meets the {bound:g} s bound; the lowest latency that fits "
-            f"is {search.min_latency:.3g} s"
+            f"is {search.min_latency:.3g} s",
+            search.min_latency,
         )
     _, sub, i, j = search.best
     schedule = sub.schedule(i, j, sc.cluster.num_devices)

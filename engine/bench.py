@@ -1,8 +1,9 @@
 """`exegpt bench`: benchmark programs that print tables and write JSON.
 
 `offline` is the paper's evaluation method (engine/bench_offline.py) with Hugging Face
-`generate` as an external reference (engine/bench_hf.py). The other subcommands belong to
-later issues and say so instead of pretending.
+`generate` as an external reference (engine/bench_hf.py); `drift` serves a model under
+changing traffic and SLO, adaptation on and off (gateway/bench_drift.py). The other
+subcommands belong to later issues and say so instead of pretending.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ LATER = {
     "serve": "online serving benchmark against a running gateway",
     "compare": "side-by-side comparison with peer engines",
     "fidelity": "simulator predictions versus measured runs",
-    "drift": "adaptation to a changing length distribution",
 }
 
 
@@ -95,6 +95,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "and print where a step's time goes",
     )
     offline.set_defaults(run=run_offline)
+    from gateway.bench_drift import add_drift_arguments
+
+    add_drift_arguments(
+        sub.add_parser(
+            "drift", help="a served model under changing lengths and SLO, adaptive vs fixed"
+        )
+    )
     for name, purpose in LATER.items():
         later = sub.add_parser(name, help=f"{purpose} (not implemented yet)")
         later.set_defaults(run=_not_implemented)

@@ -101,6 +101,20 @@ class StepCounters:
         return self.prompt_tokens + self.decode_rows
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    """What the last step ran and how long the model took: the controller's refit input.
+
+    An encoding phase that carried the running rows' iteration is reported as encoding;
+    its time includes those rows, which the planner prices as a decoding iteration of its
+    own, so the refit errs on the slow side."""
+
+    is_encode: bool
+    batch: int
+    length: float  # mean prompt length (encode) or mean cached context (decode)
+    seconds: float
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: LoadedModel | None = None) -> None:
         self.config = config
@@ -118,6 +132,7 @@ class LLMEngine:
         self._detok: dict[str, DetokenizerState] = {}
         self._aborted: list[Request] = []
         self.counters = StepCounters()
+        self.last_step: StepTiming | None = None
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         total = len(prompt_ids) + params.max_tokens
@@ -156,7 +171,13 @@ class LLMEngine:
             return outputs
         start = time.perf_counter()
         tokens = self.runner.execute(plan)
-        self.counters.record(plan, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.counters.record(plan, seconds)
+        is_encode = plan.phase is Phase.ENCODE
+        lengths = [
+            r.num_prompt_tokens if is_encode else self.runner.context_len(r) for r in plan.requests
+        ]
+        self.last_step = StepTiming(is_encode, len(lengths), sum(lengths) / len(lengths), seconds)
         for request in self.scheduler.update(plan, tokens):
             text = self._new_text(request)
             outputs.append(self._output(request, request.output_ids[-1:], text))

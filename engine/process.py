@@ -25,14 +25,15 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from adaptive.schedule import Policy, Schedule
+from adaptive.schedule import Schedule
 from engine import protocol as p
-from engine.slo_table import choose_schedule
 
 if TYPE_CHECKING:
-    from engine.llm_engine import LLMEngine, RequestOutput
+    from engine.adaptation import Adaptation
+    from engine.llm_engine import RequestOutput
 
 logger = logging.getLogger(__name__)
+SOLVING_POLL_S = 0.01  # idle loop wake-up while the planner thread works
 
 
 def schedule_info(schedule: Schedule) -> p.ScheduleInfo:
@@ -88,13 +89,12 @@ class Connection:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, conn: Connection, options: p.EngineOptions) -> None:
-        self.engine = engine
+    def __init__(self, adaptation: Adaptation, conn: Connection, options: p.EngineOptions) -> None:
+        self.adaptation = adaptation
+        self.engine = adaptation.engine
         self.conn = conn
         self.options = options
-        self.policy = Policy(options.policy)
         self.slo_s = options.slo_s
-        self.target_schedule = engine.stats().schedule
         self.num_prompt_tokens: dict[str, int] = {}  # live request id -> prompt length
 
     def run(self) -> None:
@@ -108,12 +108,18 @@ class EngineLoop:
                 self._handle(message, out)
             if self.engine.has_unfinished():
                 self._step(out)
+            out.extend(self.adaptation.tick())
             self.conn.send(out)
 
     def _drain(self, block: bool) -> list[p.ToEngine]:
         messages: list[p.ToEngine] = []
         if block:
-            messages.append(self.conn.inbox.get())
+            # while the planner works, wake up to hand its schedule over
+            timeout = SOLVING_POLL_S if self.adaptation.is_solving else None
+            try:
+                messages.append(self.conn.inbox.get(timeout=timeout))
+            except queue.Empty:
+                return messages
         while True:
             try:
                 messages.append(self.conn.inbox.get_nowait())
@@ -127,7 +133,7 @@ class EngineLoop:
             if message.request_id in self.num_prompt_tokens:
                 self.engine.abort_request(message.request_id)
         elif isinstance(message, p.SetSlo):
-            out.append(self._set_slo(message))
+            self._set_slo(message)
         elif isinstance(message, p.StatsRequest):
             stats = self.engine.stats()
             out.append(
@@ -136,8 +142,9 @@ class EngineLoop:
                     num_running=stats.num_running,
                     num_free_slots=stats.num_free_slots,
                     slo_s=self.slo_s,
-                    schedule=schedule_info(self.target_schedule),
+                    schedule=schedule_info(self.adaptation.controller.current.schedule),
                     active_schedule=schedule_info(stats.schedule),
+                    adaptation=self.adaptation.info(),
                 )
             )
 
@@ -195,22 +202,10 @@ class EngineLoop:
             raise ValueError("the prompt is empty")
         return ids
 
-    def _set_slo(self, msg: p.SetSlo) -> p.FromEngine:
-        try:
-            choice = choose_schedule(self.policy, msg.latency_s, self.options.max_num_seqs)
-        except ValueError as exc:
-            return p.Error(None, str(exc), 400)
-        self.engine.set_schedule(choice.schedule)
+    def _set_slo(self, msg: p.SetSlo) -> None:
+        """Re-solving runs off the loop; the SloApplied reply comes from `tick`."""
         self.slo_s = msg.latency_s
-        self.target_schedule = choice.schedule
-        logger.info("SLO %s s -> %s", msg.latency_s, choice.schedule.describe())
-        return p.SloApplied(
-            msg.update_id,
-            msg.latency_s,
-            schedule_info(choice.schedule),
-            choice.is_feasible,
-            choice.source,
-        )
+        self.adaptation.set_slo(msg.latency_s, msg.update_id)
 
     def _step(self, out: list[p.FromEngine]) -> None:
         try:
@@ -221,6 +216,7 @@ class EngineLoop:
                 self.engine.abort_request(request_id)
             self._fail_all(f"engine error: {exc}", 500, out)
             return
+        self.adaptation.after_step(outputs)
         self._translate(outputs, out)
 
     def _translate(self, outputs: list[RequestOutput], out: list[p.FromEngine]) -> None:
@@ -247,30 +243,17 @@ class EngineLoop:
         self.num_prompt_tokens.clear()
 
 
-def build_engine(options: p.EngineOptions) -> LLMEngine:
-    from engine.llm_engine import EngineConfig, LLMEngine
-
-    choice = choose_schedule(Policy(options.policy), options.slo_s, options.max_num_seqs)
-    config = EngineConfig(
-        model=options.model,
-        dtype=options.dtype,
-        max_num_seqs=options.max_num_seqs,
-        max_model_len=options.max_model_len,
-        schedule=choice.schedule,
-        num_threads=options.num_threads,
-    )
-    return LLMEngine(config)
-
-
 def serve(sock: socket.socket, options: p.EngineOptions) -> int:
+    from engine.adaptation import build_adaptive_engine
+
     conn = Connection(sock)
     try:
-        engine = build_engine(options)
+        adaptation = build_adaptive_engine(options)
     except Exception as exc:  # ModelLoadError, bad options: the gateway reports it and exits
         logger.exception("engine failed to start")
         conn.send([p.Error(None, f"engine failed to start: {exc}", 500, "server_error")])
         return 1
-    stats = engine.stats()
+    engine = adaptation.engine
     conn.send(
         [
             p.Ready(
@@ -278,11 +261,14 @@ def serve(sock: socket.socket, options: p.EngineOptions) -> int:
                 max_model_len=engine.max_model_len,
                 max_num_seqs=options.max_num_seqs,
                 slo_s=options.slo_s,
-                schedule=schedule_info(stats.schedule),
+                schedule=schedule_info(engine.stats().schedule),
             )
         ]
     )
-    EngineLoop(engine, conn, options).run()
+    try:
+        EngineLoop(adaptation, conn, options).run()
+    finally:
+        adaptation.close()
     return 0
 
 
@@ -294,9 +280,12 @@ class BaselineWorkload(msgspec.Struct, frozen=True):
 
 def run_baseline(options: p.EngineOptions, workload: BaselineWorkload) -> dict[str, float]:
     """The engine's own throughput on a workload, no IPC: the gateway benchmark's reference."""
+    from engine.adaptation import build_adaptive_engine
     from engine.sampling import SamplingParams
 
-    engine = build_engine(options)
+    adaptation = build_adaptive_engine(options)
+    adaptation.close()  # the baseline runs the first schedule, unadapted
+    engine = adaptation.engine
     params = SamplingParams(max_tokens=workload.max_tokens, ignore_eos=True)
     for name in ("warmup", "timed"):  # the untimed round meets every batch shape first
         start = time.monotonic()

@@ -42,6 +42,40 @@ class ScheduleInfo(msgspec.Struct, frozen=True):
     predicted_throughput_req_s: float | None = None
 
 
+class LengthStats(msgspec.Struct, frozen=True):
+    """The live length histograms (exponentially decayed over finished requests)."""
+
+    mean_input: float
+    p99_input: float
+    mean_output: float
+    p99_output: float
+    weight: float  # effective number of requests behind them
+
+
+class AdaptationInfo(msgspec.Struct, frozen=True):
+    """The online controller's state (adaptive/controller.py): why the schedule is what it
+    is, what the planner predicted for it, and what the engine measures."""
+
+    is_enabled: bool
+    lengths: LengthStats | None
+    reason: str  # trigger of the last solve: startup | slo | drift | latency | refit
+    last_change_at: float  # Unix time the schedule's knobs last changed
+    last_change_reason: str
+    num_solves: int
+    last_solve_ms: float
+    switch_delay_s: float | None  # trigger -> new schedule running, last switch
+    profile: str  # where the planner's profile came from
+    profile_scales: list[float]  # [encode, decode] refit factors in use
+    fitted_scales: list[float]  # [encode, decode] measured / predicted step time now
+    bound_margin: float  # the planner aims at bound * margin after latency breaches
+    predicted_latency_s: float | None
+    predicted_throughput_req_s: float | None
+    measured_p99_latency_s: float | None
+    measured_throughput_req_s: float
+    slo_attainment: float | None  # since the bound was set; None: no bound or no requests
+    num_finished: int
+
+
 class EngineOptions(msgspec.Struct, frozen=True):
     """What the engine process is started with (passed as JSON on its command line)."""
 
@@ -52,6 +86,8 @@ class EngineOptions(msgspec.Struct, frozen=True):
     policy: str = "rra"
     slo_s: float | None = None
     num_threads: int | None = None
+    profile: str = "full"  # "full" | "quick" (cached per model and device) or a profile file
+    adapt: bool = True  # False: the schedule is solved once at start and kept
 
 
 # --- gateway -> engine ------------------------------------------------------------------
@@ -136,7 +172,7 @@ class SloApplied(msgspec.Struct, tag="slo_applied", frozen=True):
     update_id: int
     latency_s: float | None
     schedule: ScheduleInfo
-    is_feasible: bool  # False: no measured configuration meets the bound; fastest one used
+    is_feasible: bool  # False: no schedule is predicted to meet the bound; fastest one used
     source: str
 
 
@@ -150,6 +186,7 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     slo_s: float | None
     schedule: ScheduleInfo
     active_schedule: ScheduleInfo
+    adaptation: AdaptationInfo | None = None
 
 
 ToEngine = Submit | Abort | SetSlo | StatsRequest | Shutdown

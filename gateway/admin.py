@@ -93,6 +93,7 @@ async def get_slo(request: web.Request) -> web.Response:
             active_schedule=schedule_out(stats.active_schedule),
             is_feasible=applied.is_feasible if applied else True,
             schedule_source=applied.source if applied else "startup (--slo, --policy)",
+            adaptation=stats.adaptation,
         )
     )
 

@@ -38,6 +38,8 @@ def engine_options(config: GatewayConfig) -> p.EngineOptions:
         policy=config.policy,
         slo_s=config.slo_s,
         num_threads=config.engine_threads,
+        profile=config.profile,
+        adapt=config.adapt,
     )
 
 

@@ -64,6 +64,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         max_num_seqs=args.clients,
         max_model_len=args.prompt_tokens + args.max_tokens + 8,
         num_threads=args.num_threads,
+        adapt=False,  # both sides run the schedule solved at start
     )
 
 

@@ -33,6 +33,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--policy", default=d.policy, choices=POLICIES)
     parser.add_argument(
+        "--profile",
+        default=d.profile,
+        metavar="full|quick|FILE",
+        help="layer-time profile the planner uses: measured once per model and device and "
+        "cached under $EXEGPT_CACHE/profiles (full ~95 s for smollm2), or an `exegpt "
+        "profile` file (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-adapt",
+        dest="adapt",
+        action="store_false",
+        help="solve the schedule once at start; no re-solving on drift, latency or SLO",
+    )
+    parser.add_argument(
         "--max-num-seqs", type=int, default=d.max_num_seqs, help="KV slots = largest running batch"
     )
     parser.add_argument(
@@ -90,6 +104,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         port=args.port,
         slo_s=args.slo,
         policy=args.policy,
+        profile=args.profile,
+        adapt=args.adapt,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         max_queued_requests=args.max_queued_requests,

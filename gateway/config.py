@@ -27,6 +27,10 @@ class GatewayConfig:
     max_num_seqs: int = 64
     max_model_len: int = 2048
     num_threads: int | None = None  # engine torch threads; None: all cores but one
+    # The planner's profile: "full" or "quick" grid, measured once per model and device and
+    # cached, or a file made by `exegpt profile`. adapt False: solved once at start, kept.
+    profile: str = "full"
+    adapt: bool = True
     # Admission: requests in flight (queued in the engine or running) before 429.
     max_queued_requests: int = 1024
     retry_after_s: int = 1
@@ -61,6 +65,8 @@ class GatewayConfig:
             raise ValueError(f"the SLO must be a positive number of seconds, got {self.slo_s}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if not self.profile:
+            raise ValueError("profile must be 'full', 'quick' or a profile file")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
             raise ValueError("max_tokens_limit must be >= 1")
         if self.mqtt not in ("off", "embedded"):

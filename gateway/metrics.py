@@ -94,6 +94,7 @@ class Metrics:
         self.active_schedule = Info(
             "exegpt_active_schedule", "Schedule the engine runs now", registry=r
         )
+        self._adaptation_metrics(r)
         self._window_s = window_s
         self._token_times: deque[tuple[float, int]] = deque()
         self.latencies: deque[float] = deque(maxlen=num_latencies)
@@ -125,10 +126,79 @@ class Metrics:
         self.in_flight.set(num_in_flight)
         self.set_slo(stats.slo_s, stats.schedule)
         self.active_schedule.info(schedule_labels(stats.active_schedule))
+        if stats.adaptation is not None:
+            self.update_adaptation(stats.adaptation)
         now = time.monotonic()
         while self._token_times and self._token_times[0][0] < now - self._window_s:
             self._token_times.popleft()
         self.tokens_per_s.set(sum(n for _, n in self._token_times) / self._window_s)
+
+    def _adaptation_metrics(self, r: CollectorRegistry) -> None:
+        self.length_mean = Gauge(
+            "exegpt_length_mean_tokens", "Live (decayed) mean length", ["kind"], registry=r
+        )
+        self.length_p99 = Gauge(
+            "exegpt_length_p99_tokens", "Live (decayed) p99 length", ["kind"], registry=r
+        )
+        self.predicted_latency = Gauge(
+            "exegpt_predicted_latency_seconds", "Planner's latency for the schedule", registry=r
+        )
+        self.predicted_throughput = Gauge(
+            "exegpt_predicted_throughput_requests_per_second",
+            "Planner's throughput for the schedule",
+            registry=r,
+        )
+        self.measured_p99 = Gauge(
+            "exegpt_measured_p99_latency_seconds",
+            "Engine-measured p99 latency (encode start to last token), recent requests",
+            registry=r,
+        )
+        self.measured_throughput = Gauge(
+            "exegpt_measured_throughput_requests_per_second",
+            "Engine-measured finished requests per second, recent window",
+            registry=r,
+        )
+        self.attainment = Gauge(
+            "exegpt_slo_attainment", "Fraction meeting the bound since it was set", registry=r
+        )
+        self.solves = Gauge("exegpt_schedule_solves", "Schedules solved since start", registry=r)
+        self.last_change = Gauge(
+            "exegpt_schedule_last_change_timestamp_seconds",
+            "When the schedule's knobs last changed (Unix time)",
+            registry=r,
+        )
+        self.change_reason = Info(
+            "exegpt_schedule_change", "Why the schedule last changed", registry=r
+        )
+        self.switch_delay = Gauge(
+            "exegpt_schedule_switch_delay_seconds",
+            "Trigger to new schedule running, last switch",
+            registry=r,
+        )
+        self.profile_scale = Gauge(
+            "exegpt_profile_scale", "Refit factor on the profile's step times", ["kind"], registry=r
+        )
+
+    def update_adaptation(self, info: p.AdaptationInfo) -> None:
+        if info.lengths is not None:
+            for kind, mean, p99 in (
+                ("input", info.lengths.mean_input, info.lengths.p99_input),
+                ("output", info.lengths.mean_output, info.lengths.p99_output),
+            ):
+                self.length_mean.labels(kind).set(mean)
+                self.length_p99.labels(kind).set(p99)
+        nan = math.nan
+        self.predicted_latency.set(_or(info.predicted_latency_s, nan))
+        self.predicted_throughput.set(_or(info.predicted_throughput_req_s, nan))
+        self.measured_p99.set(_or(info.measured_p99_latency_s, nan))
+        self.measured_throughput.set(info.measured_throughput_req_s)
+        self.attainment.set(_or(info.slo_attainment, nan))
+        self.solves.set(info.num_solves)
+        self.last_change.set(info.last_change_at)
+        self.change_reason.info({"reason": info.last_change_reason, "last_solve": info.reason})
+        self.switch_delay.set(_or(info.switch_delay_s, nan))
+        for kind, scale in zip(("encode", "decode"), info.profile_scales, strict=True):
+            self.profile_scale.labels(kind).set(scale)
 
     def latency_percentile(self, q: float) -> float | None:
         if not self.latencies:
@@ -145,3 +215,7 @@ def schedule_labels(schedule: p.ScheduleInfo) -> dict[str, str]:
         "max_batch": str(schedule.max_batch),
         "description": schedule.description,
     }
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value

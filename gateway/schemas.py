@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import msgspec
 
+from engine import protocol as p
+
 # --- requests --------------------------------------------------------------------------
 
 
@@ -164,6 +166,7 @@ class SloState(msgspec.Struct):
     active_schedule: ScheduleOut  # running now; the selected one starts at the next encode phase
     is_feasible: bool
     schedule_source: str
+    adaptation: p.AdaptationInfo | None = None  # the online controller's view (engine side)
 
 
 # --- MQTT ------------------------------------------------------------------------------

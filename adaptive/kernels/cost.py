@@ -38,8 +38,11 @@ Layout = tuple[int, int, int, int, int]
 
 
 def jit(fn: F) -> F:
-    """njit with an on-disk cache, typed for mypy (numba ships no stubs)."""
-    return cast(F, njit(cache=True)(fn))
+    """njit with an on-disk cache, typed for mypy (numba ships no stubs).
+
+    nogil: the online controller solves on a background thread of the engine process;
+    kernels that release the GIL let the step loop run meanwhile."""
+    return cast(F, njit(cache=True, nogil=True)(fn))
 
 
 ENCODE = 0

@@ -21,6 +21,18 @@ def test_task_pmf_matches_table3(task: str) -> None:
     assert spec.output_mean <= dist.mean_output < spec.output_mean + spec.output_std
 
 
+def test_scaled_task_shrinks_every_length() -> None:
+    full, quarter = (
+        LengthDistribution.from_task("C1"),
+        LengthDistribution.from_task("C1", scale=0.25),
+    )
+    assert quarter.max_input == 128 and quarter.max_output == 40
+    assert quarter.target_output_len == round(TASKS["C1"].output_p99 / 4)
+    assert quarter.mean_output == pytest.approx(full.mean_output / 4, rel=0.05)
+    with pytest.raises(PlanningError, match="scale"):
+        LengthDistribution.from_task("C1", scale=1.5)
+
+
 def test_sampled_task_is_seeded() -> None:
     a = LengthDistribution.from_task("C1", num_samples=500, seed=3)
     b = LengthDistribution.from_task("C1", num_samples=500, seed=3)

@@ -181,7 +181,24 @@ def test_cli_writes_records(tmp_path: Path) -> None:
         assert profile["ms_per_step"]["encode"]["matmul"] > 0
 
 
-@pytest.mark.parametrize("name", ["serve", "compare", "fidelity", "drift"])
+@pytest.mark.parametrize("name", ["serve", "compare", "fidelity"])
 def test_later_benchmarks_say_not_implemented(name: str, capsys: pytest.CaptureFixture) -> None:  # type: ignore[type-arg]
     assert main(["bench", name]) == 2
     assert "not implemented yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--phases", "S,G", "--slos", "1"], "one entry per phase"),
+        (["--slos", "1,-2,1,1"], "positive"),
+        (["--modes", "both"], "adaptive, fixed"),
+    ],
+)
+def test_drift_benchmark_rejects_bad_arguments(
+    argv: list[str],
+    words: str,
+    capsys: pytest.CaptureFixture,  # type: ignore[type-arg]
+) -> None:
+    assert main(["bench", "drift", *argv]) == 2
+    assert words in capsys.readouterr().err

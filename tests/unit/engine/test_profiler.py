@@ -77,6 +77,20 @@ def test_decoder_only_profile_has_documented_format_and_positive_times(
     parse_profile(raw)  # the planner's own loader accepts it
 
 
+def test_the_planner_prices_a_step_with_its_head(llama_profile: dict) -> None:  # type: ignore[type-arg]
+    # a whole engine step is layers x layer time + head time (embedding, LM head, argmax)
+    parsed = parse_profile(llama_profile)
+    layers = llama_profile["layer"]["layers"]
+    heads = {(b, n): ms for b, n, ms in llama_profile["head_ms"]["decode"]}
+    planned = measured = 0.0
+    for b, n, layer_ms in all_points(llama_profile, "decode"):
+        planned += layers * parsed.layer_time_s("decode", 1, b, n) * 1000
+        measured += layers * layer_ms + heads[b, n]
+    # the loader smooths noise (monotone, subadditive tables), so totals agree, not points;
+    # on this 2-layer model the head is most of a step: without it planned would be far less
+    assert 0.7 * measured <= planned <= 1.3 * measured
+
+
 def test_encode_time_grows_with_tokens(llama_profile: dict) -> None:  # type: ignore[type-arg]
     encode = {(b, n): ms for b, n, ms in all_points(llama_profile, "encode")}
 

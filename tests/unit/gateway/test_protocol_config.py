@@ -1,4 +1,4 @@
-"""The engine protocol's framing, the gateway config's validation, the SLO table lookup."""
+"""The engine protocol's framing and the gateway config's validation."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import os
 import msgspec
 import pytest
 
-from adaptive.schedule import Policy
 from engine import protocol as p
-from engine.slo_table import TABLE, choose_schedule
 from gateway.config import GatewayConfig
 
 
@@ -24,6 +22,7 @@ def test_frames_round_trip_every_message() -> None:
         p.TokenDelta("a", [1, 2], "hé"), p.Finished("a", "stop", 2, 2),
         p.Error("a", "bad", 400), p.SloApplied(1, 2.5, schedule, True, "table"),
         p.Stats(0, 1, 3, 2.5, schedule, schedule),
+        p.Stats(0, 1, 3, None, schedule, schedule, _adaptation()),
     ]  # fmt: skip
     frame = p.encode_frame(to_engine)
     assert p.frame_length(frame[:4]) == len(frame) - 4
@@ -65,22 +64,8 @@ def test_mqtt_targets() -> None:
     assert (embedded.host, embedded.port) == ("127.0.0.1", 1884)
 
 
-def test_slo_table_picks_the_best_feasible_row() -> None:
-    choice = choose_schedule(Policy.RRA, 4.6, max_num_seqs=64)
-    rra_rows = [r for r in TABLE if r.schedule.policy == Policy.RRA and r.latency_s <= 4.6]
-    assert choice.is_feasible
-    assert (
-        choice.schedule.predicted_latency_s
-        == max(rra_rows, key=lambda r: r.throughput_req_s).latency_s
-    )
-    unbounded = choose_schedule(Policy.RRA, None, max_num_seqs=8)
-    assert unbounded.schedule.encode_batch <= 8 and unbounded.schedule.max_batch <= 8
-
-
-def test_slo_table_falls_back_to_the_fastest_row_when_infeasible() -> None:
-    choice = choose_schedule(Policy.RRA, 0.01, max_num_seqs=64)
-    assert not choice.is_feasible
-    fastest = min(r.latency_s for r in TABLE if r.schedule.policy == Policy.RRA)
-    assert choice.schedule.predicted_latency_s == fastest
-    with pytest.raises(ValueError, match="no measured"):
-        choose_schedule(Policy.WAA_C, 1.0, max_num_seqs=64)
+def _adaptation() -> p.AdaptationInfo:
+    return p.AdaptationInfo(
+        True, p.LengthStats(12.0, 30.0, 16.0, 16.0, 40.0), "drift", 1.7e9, "drift", 2, 3.5,
+        0.2, "quick", [1.0, 1.0], [1.1, 0.9], 1.0, 0.4, 20.0, 0.35, 18.0, 0.99, 40,
+    )  # fmt: skip

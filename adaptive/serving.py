@@ -1,0 +1,101 @@
+"""The serving engine as a planning target: one device, a fixed number of KV rows.
+
+The planner's memory model charges each running query its mean context of KV, while the
+engine has `num_slots` rows. Sizing the simulated device's memory to exactly those rows
+at the distribution's mean context keeps every planned decode batch within the slots, so
+a planned schedule is one the engine can run as planned:
+
+    memory = weights + kv_per_token * num_slots * ctx_mean     (reserve 0)
+    simulated KV = kv_per_token * (B_D * ctx_mean + B_E * in_mean) <= that  =>  B_D <= slots
+
+`scales` refit the profile to what the engine measures (controller): each kind's table of
+ln seconds is shifted by ln(scale), which keeps the tables monotone and subadditive.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from adaptive import kernels as K
+from adaptive.cluster import Cluster, Link
+from adaptive.distributions import LengthDistribution
+from adaptive.errors import InfeasibleBound
+from adaptive.profile import Profile
+from adaptive.schedule import Policy, Schedule
+from adaptive.search import solve
+from adaptive.simulator import Prediction, build_scenario
+
+LOOPBACK = Link(1e12, 0.0)  # one device: no links are crossed
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A solved schedule; `is_feasible` False: nothing meets the bound, the fastest runs."""
+
+    prediction: Prediction
+    is_feasible: bool
+    solve_ms: float
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.prediction.schedule
+
+
+@dataclass(frozen=True)
+class ServingTarget:
+    profile: Profile
+    num_slots: int
+    policy: Policy
+
+    def __post_init__(self) -> None:
+        if self.num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
+        if self.policy not in (Policy.RRA, Policy.STATIC, Policy.CONTINUOUS):
+            raise ValueError(f"a single engine runs rra, static or continuous, not {self.policy}")
+
+    def scaled(self, encode_scale: float, decode_scale: float) -> Profile:
+        tables = self.profile.tables.copy()  # [kind, tp, batch, length] ln seconds
+        tables[K.ENCODE] += math.log(encode_scale)
+        tables[K.DECODE] += math.log(decode_scale)
+        return replace(self.profile, tables=tables)
+
+    def cluster(self, profile: Profile, dist: LengthDistribution) -> Cluster:
+        probe = Cluster(1, 1, 1.0, LOOPBACK, LOOPBACK, memory_reserve=0.0)
+        ctx_mean = float(build_scenario(profile, probe, dist).vector[K.S_CTX_MEAN])
+        memory = profile.weight_bytes + profile.kv_bytes_per_token * self.num_slots * ctx_mean
+        return Cluster(1, 1, memory, LOOPBACK, LOOPBACK, memory_reserve=0.0, name="engine")
+
+    def solve(
+        self,
+        dist: LengthDistribution,
+        bound_s: float | None,
+        scales: tuple[float, float] = (1.0, 1.0),
+    ) -> Choice:
+        """The best schedule for the bound; the lowest-latency one when none meets it."""
+        profile = self.scaled(*scales)
+        cluster = self.cluster(profile, dist)
+        try:
+            plan = solve(profile, cluster, dist, bound_s, policies=(self.policy,))
+            is_feasible = True
+        except InfeasibleBound as exc:
+            plan = solve(profile, cluster, dist, exc.min_latency_s, policies=(self.policy,))
+            is_feasible = False
+        schedule = plan.schedule
+        capped = replace(
+            schedule,
+            encode_batch=min(schedule.encode_batch, self.num_slots),
+            max_batch=min(schedule.max_batch, self.num_slots),
+        )
+        return Choice(replace(plan.prediction, schedule=capped), is_feasible, plan.solve_ms)
+
+    def step_seconds(self, is_encode: bool, batch: int, length: float) -> float:
+        """The unscaled profile's time for one engine step (all layers and the head)."""
+        p = self.profile
+        axes = np.array([p.log2_batch0, p.log2_len0])
+        kind = K.ENCODE if is_encode else K.DECODE
+        layers = p.encode_layers if is_encode else p.decode_layers
+        k = p.tps.index(1) if 1 in p.tps else 0
+        return layers * K.layer_time(p.tables, axes, kind, k, float(batch), length)

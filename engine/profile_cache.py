@@ -1,0 +1,53 @@
+"""The serving model's profile on this device: measured once, then read from the cache.
+
+The controller plans with the engine's own layer times (`exegpt profile`, engine/profiler.py).
+Measuring SmolLM2's full grid takes about 95 s here, so a profile is kept under
+`$EXEGPT_CACHE/profiles/`, keyed by model, device, dtype, torch threads and grid; a later
+start reads it in milliseconds. `quick` is the small grid (batch <= 16, length <= 256,
+seconds on a small model; the controller's refit corrects its scale while serving); a
+path names a profile file made by `exegpt profile`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from adaptive.profile import Profile, load_profile, parse_profile
+from engine.model_loader import LoadedModel, cache_dir
+from engine.profiler import QUICK, ProfileOptions, device_info, profile_model
+
+logger = logging.getLogger(__name__)
+
+GRIDS = {"full": ProfileOptions(), "quick": QUICK}
+
+
+def cache_path(loaded: LoadedModel, grid: str) -> Path:
+    device, _ = device_info(loaded)
+    key = f"{loaded.name}|{device}|{loaded.dtype}|{torch.get_num_threads()}|{grid}"
+    readable = re.sub(r"[^A-Za-z0-9]+", "-", f"{loaded.name}-{grid}").strip("-")[:60]
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / "profiles" / f"{readable}-{digest}.json"
+
+
+def serving_profile(loaded: LoadedModel, grid: str) -> Profile:
+    """The profile for `loaded` as the engine will run it (call after setting threads,
+    before an engine uses the model: profiling cuts its layer lists while it runs)."""
+    if grid not in GRIDS:
+        return load_profile(grid)
+    path = cache_path(loaded, grid)
+    if path.is_file():
+        return load_profile(path)
+    logger.info("profiling %s (%s grid) on this device, once: %s", loaded.name, grid, path)
+    raw = profile_model(loaded, GRIDS[grid], progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    partial.write_text(json.dumps(raw, indent=1) + "\n")
+    partial.replace(path)  # atomic: a concurrent start never reads half a file
+    return parse_profile(raw, source=str(path))

@@ -1,0 +1,28 @@
+"""`exegpt bench drift` end to end on random:llama: both modes, every phase reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.cli import main
+
+
+def test_drift_benchmark_reports_every_phase_of_both_modes(tmp_path: Path) -> None:
+    out = tmp_path / "drift.json"
+    argv = [
+        "bench", "drift", "--model", "random:llama", "--dtype", "float32", "--num-threads", "1",
+        "--phases", "S,G", "--slos", "none,0.5", "--phase-s", "1.5", "--rate", "4",
+        "--scale", "0.05", "--max-num-seqs", "8", "--json", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    phases = json.loads(out.read_text())["phases"]
+    assert [(p["mode"], p["task"], p["slo_s"]) for p in phases] == [
+        ("adaptive", "S", None), ("adaptive", "G", 0.5), ("fixed", "S", None), ("fixed", "G", 0.5),
+    ]  # fmt: skip
+    for phase in phases:
+        assert phase["num_sent"] == 6 and phase["num_dropped"] == 0
+        assert phase["throughput_req_s"] > 0 and phase["p99_latency_s"] > 0
+    # the schedule solved once at start never changes
+    assert all(p["change_delay_s"] is None for p in phases if p["mode"] == "fixed")
+    assert phases[2]["schedule"] == phases[3]["schedule"]
