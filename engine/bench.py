@@ -1,8 +1,9 @@
 """`exegpt bench`: benchmark programs that print tables and write JSON.
 
 `offline` is the paper's evaluation method (engine/bench_offline.py) with Hugging Face
-`generate` as an external reference (engine/bench_hf.py). The other subcommands belong to
-later issues and say so instead of pretending.
+`generate` as an external reference (engine/bench_hf.py); `serve` is an open-loop load
+generator for any OpenAI-compatible server (engine/bench_serve.py). The subcommands still
+in LATER belong to later issues and say so instead of pretending.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from engine.bench_offline import (
     run_engine,
     selection_records,
 )
+from engine.bench_serve import add_serve_bench_arguments
 from engine.model_loader import load_model
 from engine.workloads import Query, make_prompts, read_lengths, task_queries
 
@@ -37,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 POLICIES = (*ENGINE_POLICIES, "hf")
 LATER = {
-    "serve": "online serving benchmark against a running gateway",
     "compare": "side-by-side comparison with peer engines",
     "fidelity": "simulator predictions versus measured runs",
     "drift": "adaptation to a changing length distribution",
@@ -77,6 +78,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-threads", type=int, default=None, help="torch threads (default: all cores)"
     )
     offline.set_defaults(run=run_offline)
+    serve = sub.add_parser("serve", help="open-loop load on an OpenAI-compatible server")
+    add_serve_bench_arguments(serve)
     for name, purpose in LATER.items():
         later = sub.add_parser(name, help=f"{purpose} (not implemented yet)")
         later.set_defaults(run=_not_implemented)
