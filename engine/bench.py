@@ -2,7 +2,8 @@
 
 `offline` is the paper's evaluation method (engine/bench_offline.py) with Hugging Face
 `generate` as an external reference (engine/bench_hf.py); `serve` is an open-loop load
-generator for any OpenAI-compatible server (engine/bench_serve.py). The subcommands still
+generator for any OpenAI-compatible server (engine/bench_serve.py); `fidelity` sets the
+planner's predictions beside the engine's runs (engine/bench_fidelity.py). The subcommands still
 in LATER belong to later issues and say so instead of pretending.
 """
 
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 POLICIES = (*ENGINE_POLICIES, "hf")
 LATER = {
     "compare": "side-by-side comparison with peer engines",
-    "fidelity": "simulator predictions versus measured runs",
     "drift": "adaptation to a changing length distribution",
 }
 
@@ -80,6 +80,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     offline.set_defaults(run=run_offline)
     serve = sub.add_parser("serve", help="open-loop load on an OpenAI-compatible server")
     add_serve_bench_arguments(serve)
+    from engine.bench_fidelity import add_fidelity_arguments  # it imports this module
+
+    fidelity = sub.add_parser("fidelity", help="simulator predictions against measured runs")
+    add_fidelity_arguments(fidelity)
     for name, purpose in LATER.items():
         later = sub.add_parser(name, help=f"{purpose} (not implemented yet)")
         later.set_defaults(run=_not_implemented)
