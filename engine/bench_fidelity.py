@@ -62,6 +62,20 @@ def machine_cluster(profile: Profile) -> Cluster:
     return Cluster(1, 1, memory, LOCAL, LOCAL, memory_reserve=0.0, name="this machine")
 
 
+def machine_profile(
+    loaded: LoadedModel, queries: Sequence[Query], *, quick: bool, path: Path | None
+) -> dict[str, Any]:
+    """The profile file at `path`, else this machine measured (call before any engine
+    uses the model, with the engine's thread count set), its lengths cut to the workload's."""
+    if path is not None:
+        raw: dict[str, Any] = json.loads(path.read_text())
+        return raw
+    longest = max(q.prompt_len + q.output_len for q in queries)
+    base = QUICK if quick else ProfileOptions()
+    max_len = max(base.min_len, min(base.max_len, _pow2(longest)))
+    return profile_model(loaded, replace(base, max_len=max_len))
+
+
 def relative_error(predicted: float, measured: float) -> float:
     return (predicted - measured) / measured
 
@@ -208,13 +222,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
     # profile with the thread count the engine will run with (the profile must match it)
     torch.set_num_threads(args.num_threads or os.cpu_count() or 1)
     loaded = load_model(args.model, args.dtype)
-    if args.profile is not None:
-        raw = json.loads(args.profile.read_text())
-    else:
-        longest = max(q.prompt_len + q.output_len for q in queries)
-        base = QUICK if args.quick else ProfileOptions()
-        max_len = max(base.min_len, min(base.max_len, _pow2(longest)))
-        raw = profile_model(loaded, replace(base, max_len=max_len))
+    raw = machine_profile(loaded, queries, quick=args.quick, path=args.profile)
     prompts = make_prompts(queries, loaded.vocab_size, args.seed)
     grid = QUICK_GRID if args.quick else FULL_GRID
     report = measure_fidelity(

@@ -79,6 +79,10 @@ class LoadConfig:
     model: str
     duration_s: float | None = None  # no request is sent at or after this time
     drain_s: float = 30.0  # after the last send (or the time bound): then cancel the rest
+    # None: open loop. N: at most N requests in flight; a request waits for a free place
+    # and its times start when it is sent (the paper's method for a server whose batch
+    # holds N: a query's latency runs from its first scheduling)
+    max_concurrency: int | None = None
     api_key: str | None = None
     progress: bool = True
 
@@ -88,6 +92,8 @@ class LoadConfig:
             raise ValueError(f"the time bound must be positive, got {self.duration_s}")
         if self.drain_s < 0:
             raise ValueError(f"the drain time must be >= 0, got {self.drain_s}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
 
 
 def check_loopback(url: str) -> None:
@@ -195,6 +201,17 @@ def request_body(model: str, prompt: list[int], output_len: int) -> dict[str, An
 
 
 # -- the run -----------------------------------------------------------------------------
+async def _send(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    record: RequestRecord,
+    places: asyncio.Semaphore,
+) -> None:
+    async with places:
+        await _stream_one(session, url, body, record)
+
+
 async def run_load(
     config: LoadConfig, arrivals: Sequence[Arrival], prompts: Sequence[list[int]]
 ) -> tuple[list[RequestRecord], float]:
@@ -215,13 +232,14 @@ async def run_load(
     tasks: list[asyncio.Task[None]] = []
     connector = aiohttp.TCPConnector(limit=0)  # open loop: the client never caps concurrency
     bar = tqdm(total=len(due), desc="bench serve", unit="req", disable=not config.progress)
+    places = asyncio.Semaphore(config.max_concurrency or len(due) or 1)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         start = time.monotonic()
         for index, (arrival, prompt) in enumerate(due):
             await asyncio.sleep(max(0.0, start + arrival.at_s - time.monotonic()))
             record = RequestRecord(index, arrival.query.prompt_len, arrival.query.output_len)
             body = request_body(config.model, prompt, arrival.query.output_len)
-            task = asyncio.create_task(_stream_one(session, config.url, body, record))
+            task = asyncio.create_task(_send(session, config.url, body, record, places))
             task.add_done_callback(lambda _: bar.update())
             records.append(record)
             tasks.append(task)
@@ -325,6 +343,12 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-requests", type=int, default=96, help="count bound")
     parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="at most this many requests in flight (default: open loop)",
+    )
+    parser.add_argument(
         "--duration",
         type=float,
         default=None,
@@ -378,7 +402,14 @@ async def served_model(url: str, api_key: str | None) -> str:
 async def bench_serve(args: argparse.Namespace, arrivals: Sequence[Arrival]) -> dict[str, Any]:
     """One run as the command line describes it; the report as JSON-ready dict."""
     model = args.model or await served_model(args.url, args.api_key)
-    config = LoadConfig(args.url, model, args.duration, args.drain, args.api_key)
+    config = LoadConfig(
+        args.url,
+        model,
+        duration_s=args.duration,
+        drain_s=args.drain,
+        max_concurrency=args.max_concurrency,
+        api_key=args.api_key,
+    )
     prompts = make_prompts([a.query for a in arrivals], args.vocab_size, args.seed)
     records, duration = await run_load(config, arrivals, prompts)
     report = {

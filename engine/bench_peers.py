@@ -1,0 +1,185 @@
+"""Peer engines behind their own OpenAI-compatible servers, measured by `bench serve`.
+
+A peer runs as a subprocess on a free loopback port, started fresh for each run (its batch
+knob is a server flag, and a fresh start keeps one run's state out of the next) and
+stopped after it. Every query of the workload is due at time zero and the client keeps at
+most B requests in flight for a server whose batch holds B: a query is sent when a row is
+free, so its latency from sending runs from its first scheduling, as the in-process
+engines measure it (engine/bench_offline.py).
+
+- `vllm`: vLLM's CPU build in its own virtual environment (`--vllm-python`), started with
+  its best setting on this kind of machine (ECOSYSTEM.md): OpenMP threads bound to every
+  core, none reserved, Intel OpenMP preloaded; its knob is `--max-num-seqs`.
+- `transformers-serve`: `transformers serve --continuous-batching` from this environment
+  (needs FastAPI and Uvicorn); its knob is the client's concurrency only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+
+from engine.bench_offline import RunResult
+from engine.bench_serve import Arrival, LoadConfig, run_load, served_model, summarize
+from engine.workloads import Query
+
+START_TIMEOUT_S = 600.0  # a first vLLM start compiles kernels
+
+
+class PeerError(RuntimeError):
+    """A peer that did not start, or a run with failed requests (reported, not hidden)."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str  # vllm | transformers-serve
+    executable: str  # the Python (vLLM) or the `transformers` command
+    model_folder: Path
+    max_model_len: int
+
+    def command(self, port: int, batch: int) -> list[str]:
+        folder = str(self.model_folder)
+        if self.name == "vllm":
+            return [
+                self.executable, "-m", "vllm.entrypoints.openai.api_server",
+                "--model", folder, "--host", "127.0.0.1", "--port", str(port),
+                "--dtype", "bfloat16", "--max-num-seqs", str(batch),
+                "--max-model-len", str(self.max_model_len), "--disable-log-requests",
+            ]  # fmt: skip
+        return [
+            self.executable, "serve", folder, "--continuous-batching", "--device", "cpu",
+            "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port),
+        ]  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        if self.name == "vllm":
+            env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+            iomp = Path(self.executable).resolve().parents[1] / "lib" / "libiomp5.so"
+            if iomp.is_file():
+                env["LD_PRELOAD"] = str(iomp)
+        return env
+
+
+def find_peers(
+    vllm_python: Path | None, model_folder: Path, max_model_len: int
+) -> tuple[list[Peer], dict[str, str]]:
+    """(peers found, {peer: why it is skipped})."""
+    peers, skipped = [], {}
+    if vllm_python is None:
+        skipped["vllm"] = "no --vllm-python given (vLLM's CPU build lives in its own venv)"
+    elif not _has_module(str(vllm_python), "vllm"):
+        skipped["vllm"] = f"{vllm_python} cannot import vllm"
+    else:
+        peers.append(Peer("vllm", str(vllm_python), model_folder, max_model_len))
+    transformers_cli = shutil.which("transformers", path=str(Path(sys.executable).parent))
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if transformers_cli is None:
+        skipped["transformers-serve"] = "no `transformers` command beside this Python"
+    elif missing:
+        skipped["transformers-serve"] = (
+            f"`transformers serve` needs {' and '.join(missing)} "
+            "(pip install 'transformers[serving]')"
+        )
+    else:
+        peers.append(Peer("transformers-serve", transformers_cli, model_folder, max_model_len))
+    return peers, skipped
+
+
+def _has_module(python: str, module: str) -> bool:
+    try:
+        check = subprocess.run(
+            [python, "-c", f"import importlib.util as u; exit(u.find_spec({module!r}) is None)"],
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return check.returncode == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running(peer: Peer, batch: int) -> Iterator[str]:
+    """The peer serving on a free loopback port; yields its URL, stops it on exit."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            peer.command(port, batch), stdout=log, stderr=subprocess.STDOUT,
+            env=peer.environment(), start_new_session=True,
+        )  # fmt: skip
+        try:
+            _wait_ready(process, url, log)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_ready(process: subprocess.Popen[bytes], url: str, log: IO[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise PeerError(f"exited with status {process.returncode}: {_tail(log)}")
+        try:
+            asyncio.run(served_model(url, None))
+            return
+        except (aiohttp.ClientError, OSError, TimeoutError, KeyError, IndexError):
+            time.sleep(1.0)
+    raise PeerError(f"not ready after {START_TIMEOUT_S:.0f} s: {_tail(log)}")
+
+
+def _tail(log: IO[bytes]) -> str:
+    log.seek(0)
+    return " | ".join(log.read().decode(errors="replace").strip().splitlines()[-3:])
+
+
+def run_peer(
+    peer: Peer,
+    task: str,
+    batch: int,
+    queries: Sequence[Query],
+    prompts: Sequence[list[int]],
+) -> RunResult:
+    """One run of the whole workload on a fresh peer server holding `batch` queries."""
+    with running(peer, batch) as url:
+        model = asyncio.run(served_model(url, None))
+        config = LoadConfig(url, model, max_concurrency=batch, progress=False, drain_s=3600.0)
+        arrivals = [Arrival(0.0, q) for q in queries]
+        records, duration = asyncio.run(run_load(config, arrivals, prompts))
+    report = summarize(records, duration, None)
+    bad = report["num_short_outputs"] + report["num_prompt_len_mismatches"]
+    if report["num_ok"] != len(queries) or bad:
+        raise PeerError(
+            f"{report['num_ok']}/{len(queries)} ok, {report['num_short_outputs']} short "
+            f"outputs, {report['num_prompt_len_mismatches']} prompt lengths differ, "
+            f"errors {report['errors']}"
+        )
+    latencies = tuple(r.e2e_s for r in records if r.e2e_s is not None)
+    tokens = sum(r.num_output_tokens for r in records)
+    return RunResult(peer.name, task, {"batch_size": batch}, latencies, duration, tokens)
