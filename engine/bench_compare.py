@@ -19,6 +19,7 @@ reported as failed; neither is ever replaced by a number from elsewhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -50,7 +51,7 @@ from engine.bench_offline import (
     run_engine,
     selection_records,
 )
-from engine.bench_peers import Peer, PeerError, find_peers, run_peer
+from engine.bench_peers import Peer, PeerError, find_peers, run_peer, running
 from engine.model_loader import LoadedModel, load_model, model_folder
 from engine.workloads import Query, make_prompts, task_queries
 
@@ -93,7 +94,7 @@ def compare_task(
     prompts: Sequence[list[int]],
     grid: KnobGrid,
     raw_profile: dict[str, Any],
-    peers: Sequence[Peer],
+    peers: dict[str, str],
     *,
     num_threads: int | None = None,
     progress: bool = True,
@@ -109,8 +110,8 @@ def compare_task(
             return run_engine(engine, task, trial.system, trial.knobs, queries, prompts, run_id)
         if trial.system == "hf_generate":
             return run_hf_static(loaded, task, trial.knobs["batch_size"], queries, prompts)
-        peer = next(p for p in peers if p.name == trial.system)
-        return run_peer(peer, task, trial.knobs["batch_size"], queries, prompts)
+        url = peers[trial.system]
+        return run_peer(trial.system, url, task, trial.knobs["batch_size"], queries, prompts)
 
     runs = [run(Trial("static", {"batch_size": b}), f"{task}-bound-{b}") for b in BOUND_BATCHES]
     bounds = latency_bounds(runs)
@@ -124,7 +125,7 @@ def compare_task(
             ],
             [Trial("continuous", k) for k in knob_settings("continuous", grid)],
             [Trial("hf_generate", {"batch_size": b}) for b in grid.static],
-            *[[Trial(p.name, {"batch_size": b}) for b in grid.continuous] for p in peers],
+            *[[Trial(name, {"batch_size": b}) for b in grid.continuous] for name in peers],
         ]
     )
     failed = []
@@ -133,7 +134,7 @@ def compare_task(
             runs.append(run(trial, f"{task}-{number}"))
         except PeerError as exc:
             failed.append({"system": trial.system, "knobs": trial.knobs, "error": str(exc)})
-    systems = [*OURS, "hf_generate", *(p.name for p in peers)]
+    systems = [*OURS, "hf_generate", *peers]
     return {
         "num_queries": len(queries),
         "bounds_s": {b.label: b.latency_s for b in bounds},
@@ -254,10 +255,51 @@ def run_compare(args: argparse.Namespace) -> int:
     everything = [q for queries in workloads.values() for q in queries]
     raw_profile = machine_profile(loaded, everything, quick=args.quick, path=args.profile)
     longest = max(q.prompt_len + q.output_len for q in everything)
-    peers, skipped = find_peers(args.vllm_python, model_folder(args.model), longest + 8)
+    found, skipped = find_peers(args.vllm_python, model_folder(args.model), longest + 8)
     grid = QUICK_GRID if args.quick else FULL_GRID
-    systems = [*OURS, "hf_generate", *(p.name for p in peers)]
-    report: dict[str, Any] = {
+    with contextlib.ExitStack() as stack:
+        peers = start_peers(stack, found, max(grid.continuous), skipped)
+        report = _report_head(args, [*OURS, "hf_generate", *peers], skipped)
+        for name, reason in skipped.items():
+            print(f"skipped {name}: {reason}")
+        for task, queries in workloads.items():
+            prompts = make_prompts(queries, loaded.vocab_size, args.seed)
+            result = compare_task(
+                loaded, task, queries, prompts, grid, raw_profile, peers,
+                num_threads=args.num_threads,
+            )  # fmt: skip
+            report["tasks"][task] = result
+            print_comparison(task, result, report["systems"])
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_comparison(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def start_peers(
+    stack: contextlib.ExitStack, found: Sequence[Peer], max_batch: int, skipped: dict[str, str]
+) -> dict[str, str]:
+    """{peer: URL} of those that started (stopped when `stack` closes); the others are
+    added to `skipped` with their error."""
+    urls = {}
+    for peer in found:
+        print(f"starting {peer.name} (max batch {max_batch})", flush=True)
+        try:
+            urls[peer.name] = stack.enter_context(running(peer, max_batch))
+        except PeerError as exc:
+            skipped[peer.name] = f"did not start: {exc}"
+    return urls
+
+
+def _report_head(
+    args: argparse.Namespace, systems: list[str], skipped: dict[str, str]
+) -> dict[str, Any]:
+    return {
         "model": args.model,
         "dtype": args.dtype,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -269,21 +311,3 @@ def run_compare(args: argparse.Namespace) -> int:
         "skipped": skipped,
         "tasks": {},
     }
-    for name, reason in skipped.items():
-        print(f"skipped {name}: {reason}")
-    for task, queries in workloads.items():
-        prompts = make_prompts(queries, loaded.vocab_size, args.seed)
-        result = compare_task(
-            loaded, task, queries, prompts, grid, raw_profile, peers, num_threads=args.num_threads
-        )
-        report["tasks"][task] = result
-        print_comparison(task, result, systems)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot is not None:
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot_comparison(report, args.plot)
-        print(f"wrote {args.plot}")
-    return 0

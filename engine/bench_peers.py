@@ -1,17 +1,17 @@
 """Peer engines behind their own OpenAI-compatible servers, measured by `bench serve`.
 
-A peer runs as a subprocess on a free loopback port, started fresh for each run (its batch
-knob is a server flag, and a fresh start keeps one run's state out of the next) and
-stopped after it. Every query of the workload is due at time zero and the client keeps at
-most B requests in flight for a server whose batch holds B: a query is sent when a row is
-free, so its latency from sending runs from its first scheduling, as the in-process
-engines measure it (engine/bench_offline.py).
+A peer runs as a subprocess on a free loopback port, started once for a whole comparison
+(a CPU vLLM start takes minutes here) with room for the largest batch of the knob grid.
+Every query of the workload is due at time zero and the client keeps at most B requests
+in flight: the server's running batch never exceeds B, a query is sent when a row frees,
+so its latency from sending runs from its first scheduling, as the in-process engines
+measure it (engine/bench_offline.py). B is the knob swept, as a server's max batch would be.
 
 - `vllm`: vLLM's CPU build in its own virtual environment (`--vllm-python`), started with
   its best setting on this kind of machine (ECOSYSTEM.md): OpenMP threads bound to every
-  core, none reserved, Intel OpenMP preloaded; its knob is `--max-num-seqs`.
+  core, none reserved, Intel OpenMP preloaded.
 - `transformers-serve`: `transformers serve --continuous-batching` from this environment
-  (needs FastAPI and Uvicorn); its knob is the client's concurrency only.
+  (needs FastAPI and Uvicorn).
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ class Peer:
                 self.executable, "-m", "vllm.entrypoints.openai.api_server",
                 "--model", folder, "--host", "127.0.0.1", "--port", str(port),
                 "--dtype", "bfloat16", "--max-num-seqs", str(batch),
-                "--max-model-len", str(self.max_model_len), "--disable-log-requests",
+                "--max-model-len", str(self.max_model_len),
+                # on the CPU backend this is the share of RAM it reserves; it refuses to
+                # start when more than that is not free, as on a machine shared with others
+                "--gpu-memory-utilization", "0.3",
             ]  # fmt: skip
         return [
             self.executable, "serve", folder, "--continuous-batching", "--device", "cpu",
@@ -121,7 +124,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(peer: Peer, batch: int) -> Iterator[str]:
-    """The peer serving on a free loopback port; yields its URL, stops it on exit."""
+    """The peer serving on a free loopback port with room for `batch` running queries;
+    yields its URL, stops it on exit."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
@@ -160,18 +164,18 @@ def _tail(log: IO[bytes]) -> str:
 
 
 def run_peer(
-    peer: Peer,
+    name: str,
+    url: str,
     task: str,
     batch: int,
     queries: Sequence[Query],
     prompts: Sequence[list[int]],
 ) -> RunResult:
-    """One run of the whole workload on a fresh peer server holding `batch` queries."""
-    with running(peer, batch) as url:
-        model = asyncio.run(served_model(url, None))
-        config = LoadConfig(url, model, max_concurrency=batch, progress=False, drain_s=3600.0)
-        arrivals = [Arrival(0.0, q) for q in queries]
-        records, duration = asyncio.run(run_load(config, arrivals, prompts))
+    """One run of the whole workload on a running peer, at most `batch` queries in flight."""
+    model = asyncio.run(served_model(url, None))
+    config = LoadConfig(url, model, max_concurrency=batch, progress=False, drain_s=3600.0)
+    arrivals = [Arrival(0.0, q) for q in queries]
+    records, duration = asyncio.run(run_load(config, arrivals, prompts))
     report = summarize(records, duration, None)
     bad = report["num_short_outputs"] + report["num_prompt_len_mismatches"]
     if report["num_ok"] != len(queries) or bad:
@@ -182,4 +186,4 @@ def run_peer(
         )
     latencies = tuple(r.e2e_s for r in records if r.e2e_s is not None)
     tokens = sum(r.num_output_tokens for r in records)
-    return RunResult(peer.name, task, {"batch_size": batch}, latencies, duration, tokens)
+    return RunResult(name, task, {"batch_size": batch}, latencies, duration, tokens)
