@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from engine.bench_serve import poisson_arrivals
+from engine.bench_serve import LoadConfig, poisson_arrivals, run_load
 from engine.cli import main
 from engine.workloads import task_queries
 from gateway.server import GatewayServer
@@ -95,5 +97,47 @@ async def test_stops_at_the_time_bound_and_frees_the_server(
     for _ in range(100):  # cancelled requests leave the engine
         if await metric(gateway, "exegpt_requests_in_flight") == 0:
             break
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
     assert await metric(gateway, "exegpt_requests_in_flight") == 0
+
+
+async def test_concurrency_cap_holds_and_latency_runs_from_sending() -> None:
+    """A stand-in SSE server that records how many requests it holds at once."""
+    held, peak = 0, 0
+
+    async def complete(request: web.Request) -> web.StreamResponse:
+        nonlocal held, peak
+        held += 1
+        peak = max(peak, held)
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.sleep(0.1)
+        for _ in range(body["max_tokens"]):
+            await response.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}
+        await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        held -= 1
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", complete)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        queries = task_queries("S", 12, 0, 0.05)
+        config = LoadConfig(f"http://127.0.0.1:{port}", "m", max_concurrency=3, progress=False)
+        records, duration = await run_load(
+            config, poisson_arrivals(queries, math.inf), [[7] * q.prompt_len for q in queries]
+        )
+    finally:
+        await runner.cleanup()
+
+    assert peak == 3
+    assert [r.outcome for r in records] == ["ok"] * 12
+    assert duration >= 4 * 0.1  # four waves of three
+    assert max(r.e2e_s or 0 for r in records) < 3 * 0.1  # the last wave's wait is not in it
