@@ -10,20 +10,18 @@ measure it (engine/bench_offline.py). B is the knob swept, as a server's max bat
 - `vllm`: vLLM's CPU build in its own virtual environment (`--vllm-python`), started with
   its best setting on this kind of machine (ECOSYSTEM.md): OpenMP threads bound to every
   core, none reserved, Intel OpenMP preloaded.
-- `transformers-serve`: `transformers serve --continuous-batching` from this environment
-  (needs FastAPI and Uvicorn).
+- `transformers-serve` is always reported as skipped: its `/v1/completions` (transformers
+  5.24) answers a token-id prompt with 400 "prompt must be a string" and `ignore_eos` /
+  `min_tokens` with 422, so it cannot run the same queries token for token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import IO
 
 import aiohttp
+import transformers
 
 from engine.bench_offline import RunResult
 from engine.bench_serve import Arrival, LoadConfig, run_load, served_model, summarize
@@ -44,38 +43,40 @@ class PeerError(RuntimeError):
     """A peer that did not start, or a run with failed requests (reported, not hidden)."""
 
 
+TRANSFORMERS_SERVE_SKIP = (
+    f"transformers {transformers.__version__} `serve` takes text prompts only (a token-id "
+    "prompt gets 400 'prompt must be a string') and refuses ignore_eos/min_tokens (422): "
+    "it cannot run the same queries token for token"
+)
+
+
 @dataclass(frozen=True)
 class Peer:
-    name: str  # vllm | transformers-serve
-    executable: str  # the Python (vLLM) or the `transformers` command
+    """vLLM's OpenAI server from the Python of its own venv."""
+
+    python: str
     model_folder: Path
     max_model_len: int
+    name: str = "vllm"
 
     def command(self, port: int, batch: int) -> list[str]:
-        folder = str(self.model_folder)
-        if self.name == "vllm":
-            return [
-                self.executable, "-m", "vllm.entrypoints.openai.api_server",
-                "--model", folder, "--host", "127.0.0.1", "--port", str(port),
-                "--dtype", "bfloat16", "--max-num-seqs", str(batch),
-                "--max-model-len", str(self.max_model_len),
-                # on the CPU backend this is the share of RAM it reserves; it refuses to
-                # start when more than that is not free, as on a machine shared with others
-                "--gpu-memory-utilization", "0.3",
-            ]  # fmt: skip
         return [
-            self.executable, "serve", folder, "--continuous-batching", "--device", "cpu",
-            "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port),
+            self.python, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model_folder), "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", "bfloat16", "--max-num-seqs", str(batch),
+            "--max-model-len", str(self.max_model_len),
+            # on the CPU backend this is the share of RAM it reserves; it refuses to
+            # start when more than that is not free, as on a machine shared with others
+            "--gpu-memory-utilization", "0.3",
         ]  # fmt: skip
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        if self.name == "vllm":
-            env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
-            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-            iomp = Path(self.executable).resolve().parents[1] / "lib" / "libiomp5.so"
-            if iomp.is_file():
-                env["LD_PRELOAD"] = str(iomp)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        iomp = Path(self.python).resolve().parents[1] / "lib" / "libiomp5.so"
+        if iomp.is_file():
+            env["LD_PRELOAD"] = str(iomp)
         return env
 
 
@@ -83,24 +84,13 @@ def find_peers(
     vllm_python: Path | None, model_folder: Path, max_model_len: int
 ) -> tuple[list[Peer], dict[str, str]]:
     """(peers found, {peer: why it is skipped})."""
-    peers, skipped = [], {}
+    peers, skipped = [], {"transformers-serve": TRANSFORMERS_SERVE_SKIP}
     if vllm_python is None:
         skipped["vllm"] = "no --vllm-python given (vLLM's CPU build lives in its own venv)"
     elif not _has_module(str(vllm_python), "vllm"):
         skipped["vllm"] = f"{vllm_python} cannot import vllm"
     else:
-        peers.append(Peer("vllm", str(vllm_python), model_folder, max_model_len))
-    transformers_cli = shutil.which("transformers", path=str(Path(sys.executable).parent))
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
-    if transformers_cli is None:
-        skipped["transformers-serve"] = "no `transformers` command beside this Python"
-    elif missing:
-        skipped["transformers-serve"] = (
-            f"`transformers serve` needs {' and '.join(missing)} "
-            "(pip install 'transformers[serving]')"
-        )
-    else:
-        peers.append(Peer("transformers-serve", transformers_cli, model_folder, max_model_len))
+        peers.append(Peer(str(vllm_python), model_folder, max_model_len))
     return peers, skipped
 
 
@@ -173,7 +163,7 @@ def run_peer(
 ) -> RunResult:
     """One run of the whole workload on a running peer, at most `batch` queries in flight."""
     model = asyncio.run(served_model(url, None))
-    config = LoadConfig(url, model, max_concurrency=batch, progress=False, drain_s=3600.0)
+    config = LoadConfig(url, model, drain_s=3600.0, max_concurrency=batch, progress=False)
     arrivals = [Arrival(0.0, q) for q in queries]
     records, duration = asyncio.run(run_load(config, arrivals, prompts))
     report = summarize(records, duration, None)

@@ -62,6 +62,7 @@ def test_every_system_runs_its_knob_grid_on_the_same_workload(report: dict[str, 
 
 def test_unavailable_peers_are_skipped_with_their_reason(report: dict[str, Any]) -> None:
     assert "--vllm-python" in report["skipped"]["vllm"]
+    assert "token for token" in report["skipped"]["transformers-serve"]
     assert "vllm" not in {r["policy"] for r in report["tasks"]["S"]["runs"]}
     _, skipped = find_peers(Path(sys.executable), Path("."), 64)
     assert "cannot import vllm" in skipped["vllm"]
