@@ -2,12 +2,14 @@
 
 Open loop: every request's send time is fixed before the run (Poisson gaps at `--rate`, or
 a trace's times), so a slow server meets the same offered load as a fast one and its
-queueing shows in the latencies instead of throttling the client. Requests stream
+queueing shows in the latencies instead of throttling the client. `--max-concurrency N`
+closes the loop instead: at most N requests in flight, each timed from its sending (how
+`bench compare` measures a server whose batch holds N, engine/bench_peers.py). Requests stream
 `/v1/completions` over SSE; each one ends in exactly one outcome:
 
     ok        the stream ended with [DONE]
     error     an HTTP error status, an error event in the stream, or a broken connection
-    cancelled still running at the hard end (time bound + drain), then cancelled
+    cancelled still running (or still waiting for a place) at the hard end, then cancelled
 
 Prompts are lists of token ids (`engine.workloads.make_prompts`), which a server that
 accepts token-id prompts (exegpt, vLLM) takes verbatim, so prompt lengths are exact; the
@@ -230,7 +232,7 @@ async def run_load(
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
     records: list[RequestRecord] = []
     tasks: list[asyncio.Task[None]] = []
-    connector = aiohttp.TCPConnector(limit=0)  # open loop: the client never caps concurrency
+    connector = aiohttp.TCPConnector(limit=0)  # no pool cap: only `places` may limit
     bar = tqdm(total=len(due), desc="bench serve", unit="req", disable=not config.progress)
     places = asyncio.Semaphore(config.max_concurrency or len(due) or 1)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
