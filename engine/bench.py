@@ -1,9 +1,12 @@
 """`exegpt bench`: benchmark programs that print tables and write JSON.
 
 `offline` is the paper's evaluation method (engine/bench_offline.py) with Hugging Face
-`generate` as an external reference (engine/bench_hf.py); `drift` serves a model under
-changing traffic and SLO, adaptation on and off (gateway/bench_drift.py). The other
-subcommands belong to later issues and say so instead of pretending.
+`generate` as an external reference (engine/bench_hf.py); `serve` is an open-loop load
+generator for any OpenAI-compatible server (engine/bench_serve.py); `fidelity` sets the
+planner's predictions beside the engine's runs (engine/bench_fidelity.py); `compare` runs
+exegpt, Hugging Face `generate` and peer servers side by side (engine/bench_compare.py);
+`drift` serves a model under changing traffic and SLO, adaptation on and off
+(gateway/bench_drift.py).
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,18 +36,15 @@ from engine.bench_offline import (
     run_engine,
     selection_records,
 )
+from engine.bench_serve import add_serve_bench_arguments
 from engine.efficiency import CATEGORIES, StepProfile, measure_ceiling
-from engine.model_loader import load_model
+from engine.llm_engine import LLMEngine
+from engine.model_loader import LoadedModel, load_model
 from engine.workloads import Query, make_prompts, read_lengths, task_queries
 
 logger = logging.getLogger(__name__)
 
 POLICIES = (*ENGINE_POLICIES, "hf")
-LATER = {
-    "serve": "online serving benchmark against a running gateway",
-    "compare": "side-by-side comparison with peer engines",
-    "fidelity": "simulator predictions versus measured runs",
-}
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +94,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "and print where a step's time goes",
     )
     offline.set_defaults(run=run_offline)
+    serve = sub.add_parser("serve", help="open-loop load on an OpenAI-compatible server")
+    add_serve_bench_arguments(serve)
+    from engine.bench_fidelity import add_fidelity_arguments  # both import this module
+
+    fidelity = sub.add_parser("fidelity", help="simulator predictions against measured runs")
+    add_fidelity_arguments(fidelity)
+    from engine.bench_compare import add_compare_arguments
+
+    compare = sub.add_parser("compare", help="exegpt against HF generate and peer servers")
+    add_compare_arguments(compare)
     from gateway.bench_drift import add_drift_arguments
 
     add_drift_arguments(
@@ -102,17 +111,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
             "drift", help="a served model under changing lengths and SLO, adaptive vs fixed"
         )
     )
-    for name, purpose in LATER.items():
-        later = sub.add_parser(name, help=f"{purpose} (not implemented yet)")
-        later.set_defaults(run=_not_implemented)
-
-
-def _not_implemented(args: argparse.Namespace) -> int:
-    print(
-        f"exegpt bench {args.bench}: not implemented yet ({LATER[args.bench]}; a later issue)",
-        file=sys.stderr,
-    )
-    return 2
 
 
 def _workloads(args: argparse.Namespace) -> list[tuple[str, list[Query]]]:
@@ -234,18 +232,7 @@ def sweep(
     if "hf" in policies:
         plan += [("hf", {"batch_size": b}) for b in grid.static]
     engine = make_engine(loaded, queries, grid.max_batch, num_threads, carry_decode)
-    warm = min(8, len(queries))  # one-time kernel setup must not land in a measured run
-    run_engine(
-        engine,
-        task,
-        "continuous",
-        {"max_batch": warm},
-        queries[:warm],
-        prompts[:warm],
-        f"{task}-warmup",
-    )
-    if "hf" in policies:
-        warm_up_hf(loaded, prompts)
+    warm_up(engine, loaded, task, queries, prompts, hf="hf" in policies)
     results = []
     for number, (policy, knobs) in enumerate(
         tqdm(plan, desc=f"bench {task}", disable=not progress)
@@ -264,6 +251,30 @@ def sweep(
         )
         results.append(result)
     return results
+
+
+def warm_up(
+    engine: LLMEngine,
+    loaded: LoadedModel,
+    task: str,
+    queries: Sequence[Query],
+    prompts: Sequence[list[int]],
+    *,
+    hf: bool,
+) -> None:
+    """One-time kernel setup must not land in a measured run."""
+    warm = min(8, len(queries))
+    run_engine(
+        engine,
+        task,
+        "continuous",
+        {"max_batch": warm},
+        queries[:warm],
+        prompts[:warm],
+        f"{task}-warmup",
+    )
+    if hf:
+        warm_up_hf(loaded, prompts)
 
 
 # -- output ------------------------------------------------------------------------------

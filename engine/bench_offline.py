@@ -71,11 +71,15 @@ class RunWork:
     """What a run computed against what its queries needed (engine.efficiency)."""
 
     needed_tokens: int  # every prompt token and every decode input, once
-    computed_tokens: int  # token rows the run computed: padding and held rows included
+    # token rows the run computed, padding and held rows included; None: a peer server
+    # that does not report it
+    computed_tokens: int | None
     useful_flops: float  # FLOPs the queries need, however they are batched
 
     @classmethod
-    def of(cls, loaded: LoadedModel, queries: Sequence[Query], computed_tokens: int) -> RunWork:
+    def of(
+        cls, loaded: LoadedModel, queries: Sequence[Query], computed_tokens: int | None
+    ) -> RunWork:
         useful = ModelWork.of(loaded).workload_flops(queries)
         return cls(needed_tokens(queries), computed_tokens, useful)
 
@@ -119,7 +123,11 @@ class RunResult:
             "p99_latency_s": self.latency_percentile_s(99),
             "num_requests": self.num_requests,
             "makespan_s": self.makespan_s,
-            "useful_token_share": self.work.needed_tokens / self.work.computed_tokens,
+            "useful_token_share": (
+                None
+                if self.work.computed_tokens is None
+                else self.work.needed_tokens / self.work.computed_tokens
+            ),
             "useful_gflop_s": self.work.useful_flops / self.makespan_s / 1e9,
         }
 

@@ -64,7 +64,7 @@ SUBCOMMANDS: tuple[tuple[str, str, str, str, str | None], ...] = (
      "engine.profiler", "add_profile_arguments", "run_profile"),
     ("plan", "choose the best schedule under a latency bound",
      "adaptive.cli", "add_plan_arguments", "run_plan"),
-    ("bench", "benchmarks (offline: the paper's method)",
+    ("bench", "benchmarks: offline (the paper's method), serve, compare, fidelity",
      "engine.bench", "add_bench_arguments", None),
 )  # fmt: skip
 

@@ -71,19 +71,23 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "bfloat16") -> LoadedMode
     """Load `smollm2`, `random:<arch>` or a local Hugging Face model folder."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    return _load_folder(name, model_folder(name), DTYPES[dtype])
+
+
+def model_folder(name: str = DEFAULT_MODEL) -> Path:
+    """The Hugging Face folder behind a model name (made on first use), which peer
+    engines in the benchmarks load too."""
     if name == DEFAULT_MODEL:
-        folder = smollm2_folder()
-    elif name.startswith("random:"):
-        folder = _random_model_folder(name.removeprefix("random:"))
-    else:
-        folder = Path(name).expanduser()
-        if not folder.is_dir():
-            raise ModelLoadError(
-                f"model {name!r}: no such directory (expected a Hugging Face "
-                f"model folder, 'smollm2' or 'random:<{'|'.join(RANDOM_ARCHS)}>')"
-            )
-    return _load_folder(name, folder, torch_dtype)
+        return smollm2_folder()
+    if name.startswith("random:"):
+        return _random_model_folder(name.removeprefix("random:"))
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"model {name!r}: no such directory (expected a Hugging Face "
+            f"model folder, 'smollm2' or 'random:<{'|'.join(RANDOM_ARCHS)}>')"
+        )
+    return folder
 
 
 def smollm2_folder() -> Path:

@@ -237,7 +237,7 @@ def _points(kind: str, opts: ProfileOptions) -> list[tuple[int, int]]:
 
 def _prompts(loaded: LoadedModel, batch: int, length: int, seed: int) -> list[EncodeItem]:
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(100, loaded.vocab_size - 100, (batch, length), generator=gen)
+    ids = torch.randint(100, loaded.vocab_size - 100, (batch, length), generator=gen, device="cpu")
     return [EncodeItem(slot=i, token_ids=row) for i, row in enumerate(ids.tolist())]
 
 

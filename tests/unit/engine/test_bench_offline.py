@@ -181,12 +181,6 @@ def test_cli_writes_records(tmp_path: Path) -> None:
         assert profile["ms_per_step"]["encode"]["matmul"] > 0
 
 
-@pytest.mark.parametrize("name", ["serve", "compare", "fidelity"])
-def test_later_benchmarks_say_not_implemented(name: str, capsys: pytest.CaptureFixture) -> None:  # type: ignore[type-arg]
-    assert main(["bench", name]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     ("argv", "words"),
     [

@@ -1,0 +1,244 @@
+"""`exegpt bench fidelity`: the planner's predictions against the engine's measurements.
+
+1. Profile this machine for the model (engine/profiler.py; `--quick`: the small grid),
+   or read a profile made earlier (`--profile`).
+2. Run the offline bench's knob grid on the engine (engine/bench.py `sweep`: every query
+   queued at time zero, each schedule run to completion), then the planner's own RRA
+   choice at each of the paper's bounds (adaptive/search.py over that profile).
+3. For every schedule, the simulator (adaptive/simulator.py) predicts throughput and
+   latency from the profile and the workload's length histograms; the report puts them
+   beside what was measured, with the relative error (predicted - measured) / measured.
+
+What the two sides mean: the simulator predicts a steady state (throughput; the latency
+of a query of the p99 output length, from its encoding to its last token), the engine
+measures a finite run of the workload (queries over the makespan; the p99 of the
+queries' latencies, from their first scheduling). The ramp-up and drain of a finite run,
+and a p99 taken over ~100 queries, are part of the error this bench reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptive.cluster import GIB, Cluster, Link
+from adaptive.distributions import LengthDistribution
+from adaptive.errors import PlanningError
+from adaptive.profile import Profile, parse_profile
+from adaptive.schedule import Policy, Schedule
+from adaptive.search import solve
+from adaptive.simulator import simulate
+from engine.bench import sweep
+from engine.bench_offline import (
+    ENGINE_POLICIES,
+    FULL_GRID,
+    QUICK_GRID,
+    Bound,
+    KnobGrid,
+    RunResult,
+    latency_bounds,
+    make_engine,
+    run_engine,
+    schedule_for,
+)
+from engine.model_loader import LoadedModel, load_model
+from engine.profiler import QUICK, ProfileOptions, profile_model
+from engine.workloads import Query, make_prompts, task_queries
+
+LOCAL = Link(1e12, 0.0)  # one device: no link is ever crossed
+
+
+def machine_cluster(profile: Profile) -> Cluster:
+    """This machine as a one-device cluster; its memory from the profile (RAM on a CPU)."""
+    memory = profile.device_memory_bytes or 64 * GIB
+    return Cluster(1, 1, memory, LOCAL, LOCAL, memory_reserve=0.0, name="this machine")
+
+
+def machine_profile(
+    loaded: LoadedModel, queries: Sequence[Query], *, quick: bool, path: Path | None
+) -> dict[str, Any]:
+    """The profile file at `path`, else this machine measured (call before any engine
+    uses the model, with the engine's thread count set), its lengths cut to the workload's."""
+    if path is not None:
+        raw: dict[str, Any] = json.loads(path.read_text())
+        return raw
+    longest = max(q.prompt_len + q.output_len for q in queries)
+    base = QUICK if quick else ProfileOptions()
+    max_len = max(base.min_len, min(base.max_len, _pow2(longest)))
+    return profile_model(loaded, replace(base, max_len=max_len))
+
+
+def relative_error(predicted: float, measured: float) -> float:
+    return (predicted - measured) / measured
+
+
+def planned_knobs(
+    profile: Profile, cluster: Cluster, dist: LengthDistribution, bound: Bound, max_batch: int
+) -> dict[str, int] | None:
+    """The planner's RRA schedule for the bound as engine knobs, capped to the KV rows;
+    None when no RRA schedule is predicted to meet it."""
+    try:
+        plan = solve(profile, cluster, dist, bound.latency_s, policies=(Policy.RRA,))
+    except PlanningError:
+        return None
+    s = plan.schedule
+    return {
+        "encode_batch": min(s.encode_batch, max_batch),
+        "decode_iters": s.decode_iters,
+        "max_batch": min(s.max_batch, max_batch),
+    }
+
+
+def compare_run(
+    profile: Profile, cluster: Cluster, dist: LengthDistribution, run: RunResult, source: str
+) -> dict[str, Any]:
+    """One schedule's prediction beside its measurement."""
+    schedule: Schedule = schedule_for(run.policy, run.knobs)
+    predicted = simulate(profile, cluster, dist, schedule)
+    measured_p99 = run.latency_percentile_s(99)
+    return {
+        "schedule": schedule.describe(),
+        "policy": run.policy,
+        "knobs": dict(run.knobs),
+        "source": source,
+        "predicted_req_s": predicted.throughput_req_s,
+        "measured_req_s": run.throughput_req_s,
+        "throughput_error": relative_error(predicted.throughput_req_s, run.throughput_req_s),
+        "predicted_p99_latency_s": predicted.latency_s,
+        "measured_p99_latency_s": measured_p99,
+        "latency_error": relative_error(predicted.latency_s, measured_p99),
+    }
+
+
+def error_summary(rows: Sequence[dict[str, Any]], within: float = 0.10) -> dict[str, Any]:
+    """Mean absolute relative error, and the share of schedules within `within`."""
+    out: dict[str, Any] = {"within": within}
+    for key in ("throughput_error", "latency_error"):
+        errors = [abs(r[key]) for r in rows]
+        out[key] = {
+            "mean_abs": sum(errors) / len(errors) if errors else None,
+            "max_abs": max(errors, default=None),
+            "share_within": sum(e <= within for e in errors) / len(errors) if errors else None,
+        }
+    return out
+
+
+def measure_fidelity(
+    loaded: LoadedModel,
+    task: str,
+    queries: Sequence[Query],
+    prompts: Sequence[list[int]],
+    grid: KnobGrid,
+    raw_profile: dict[str, Any],
+    *,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the grid and the planner's choices; the report with one row per schedule."""
+    profile = parse_profile(raw_profile, source=str(raw_profile.get("model")))
+    cluster = machine_cluster(profile)
+    dist = LengthDistribution.from_samples(
+        [q.prompt_len for q in queries], [q.output_len for q in queries], name=task
+    )
+    # the simulator models the paper's strict alternation of encoding and decoding, so the
+    # engine runs that form here (serving carries decoding through encoding phases)
+    runs = sweep(
+        loaded, task, queries, prompts, ENGINE_POLICIES, grid, num_threads=num_threads,
+        carry_decode=False, progress=progress,
+    )  # fmt: skip
+    rows = [compare_run(profile, cluster, dist, run, "grid") for run in runs]
+    bounds = latency_bounds(runs)
+    engine = make_engine(loaded, queries, grid.max_batch, num_threads, carry_decode=False)
+    for bound in bounds:
+        knobs = planned_knobs(profile, cluster, dist, bound, grid.max_batch)
+        if knobs is None:
+            continue
+        run = run_engine(engine, task, "rra", knobs, queries, prompts, f"{task}-plan-{bound.label}")
+        rows.append(compare_run(profile, cluster, dist, run, f"planner@{bound.label}"))
+    return {
+        "model": loaded.name,
+        "task": task,
+        "num_queries": len(queries),
+        "profile_device": raw_profile.get("device"),
+        "profile_num_threads": raw_profile.get("num_threads"),
+        "bounds_s": {b.label: b.latency_s for b in bounds},
+        "rows": rows,
+        "summary": error_summary(rows),
+    }
+
+
+def print_fidelity(report: dict[str, Any]) -> None:
+    print(f"\nfidelity: {report['model']}, task {report['task']}, {report['num_queries']} queries")
+    print(
+        f"{'schedule':<28} {'source':<12} {'pred req/s':>10} {'meas req/s':>10} {'err':>7} "
+        f"{'pred p99':>9} {'meas p99':>9} {'err':>7}"
+    )
+    for r in report["rows"]:
+        print(
+            f"{r['schedule']:<28} {r['source']:<12} {r['predicted_req_s']:>10.3f} "
+            f"{r['measured_req_s']:>10.3f} {r['throughput_error']:>+7.1%} "
+            f"{r['predicted_p99_latency_s']:>9.3f} {r['measured_p99_latency_s']:>9.3f} "
+            f"{r['latency_error']:>+7.1%}"
+        )
+    s = report["summary"]
+    for key, label in (("throughput_error", "throughput"), ("latency_error", "p99 latency")):
+        e = s[key]
+        print(
+            f"{label}: mean |error| {e['mean_abs']:.1%}, max {e['max_abs']:.1%}, "
+            f"{e['share_within']:.0%} of schedules within {s['within']:.0%}"
+        )
+
+
+# -- command line ------------------------------------------------------------------------
+def add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine.cli import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--task", default="S", help="paper task (S,T,G,C1,C2)")
+    parser.add_argument("--num-queries", type=int, default=96)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply all lengths")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick", action="store_true", help="small profile grid and small knob grid"
+    )
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="a profile JSON from `exegpt profile`"
+    )
+    parser.add_argument(
+        "--num-threads", type=int, default=None, help="torch threads (default: all cores)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.set_defaults(run=run_fidelity)
+
+
+def run_fidelity(args: argparse.Namespace) -> int:
+    queries = task_queries(args.task, args.num_queries, args.seed, args.scale)
+    # profile with the thread count the engine will run with (the profile must match it)
+    torch.set_num_threads(args.num_threads or os.cpu_count() or 1)
+    loaded = load_model(args.model, args.dtype)
+    raw = machine_profile(loaded, queries, quick=args.quick, path=args.profile)
+    prompts = make_prompts(queries, loaded.vocab_size, args.seed)
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    report = measure_fidelity(
+        loaded, args.task.upper(), queries, prompts, grid, raw, num_threads=args.num_threads
+    )
+    report |= {"dtype": args.dtype, "seed": args.seed, "scale": args.scale, "quick": args.quick}
+    print_fidelity(report)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n: the profile grid need not reach past the workload."""
+    return 1 << max(0, math.ceil(math.log2(n)))

@@ -1,0 +1,69 @@
+"""`bench fidelity` on a random model: one row per schedule run, errors from both sides.
+
+Tiny profile grid and workload: behaviour only, never how close the predictions are.
+"""
+
+from typing import Any
+
+import pytest
+
+from engine.bench_fidelity import error_summary, measure_fidelity
+from engine.bench_offline import BOUND_BATCHES, KnobGrid
+from engine.profiler import ProfileOptions, profile_model
+from engine.workloads import make_prompts, task_queries
+
+GRID = KnobGrid(static=BOUND_BATCHES, continuous=(8,), rra=((4, 2),), rra_max_batch=8)
+TINY = ProfileOptions(max_batch=8, min_len=8, max_len=32, max_tokens=256, warmup=0, runs=1)
+
+
+@pytest.fixture(scope="module")
+def report(load_cached) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    loaded = load_cached("random:llama")
+    queries = task_queries("S", 8, seed=1, scale=0.05)
+    prompts = make_prompts(queries, loaded.vocab_size, seed=1)
+    raw = profile_model(loaded, TINY, progress=False)
+    return measure_fidelity(loaded, "S", queries, prompts, GRID, raw, num_threads=1, progress=False)
+
+
+def test_every_grid_schedule_and_each_planner_choice_has_a_row(report: dict[str, Any]) -> None:
+    grid = [r for r in report["rows"] if r["source"] == "grid"]
+    planned = [r for r in report["rows"] if r["source"].startswith("planner@")]
+
+    assert [r["schedule"] for r in grid] == [
+        *(f"static(batch={b})" for b in BOUND_BATCHES),
+        "continuous(max_batch=8)",
+        "rra(B_E=4, N_D=2)",
+    ]
+    assert set(report["bounds_s"]) == {"p10", "p30", "p70", "none"}
+    assert {r["source"] for r in planned} <= {f"planner@{b}" for b in report["bounds_s"]}
+    assert "planner@none" in {r["source"] for r in planned}  # unbounded is always solvable
+    assert all(r["policy"] == "rra" and r["knobs"]["max_batch"] <= GRID.max_batch for r in planned)
+
+
+def test_errors_are_predicted_against_measured(report: dict[str, Any]) -> None:
+    for row in report["rows"]:
+        assert row["predicted_req_s"] > 0 and row["measured_req_s"] > 0
+        assert row["measured_p99_latency_s"] > 0 and row["predicted_p99_latency_s"] > 0
+        assert row["throughput_error"] == pytest.approx(
+            row["predicted_req_s"] / row["measured_req_s"] - 1
+        )
+        assert row["latency_error"] == pytest.approx(
+            row["predicted_p99_latency_s"] / row["measured_p99_latency_s"] - 1
+        )
+    assert report["summary"] == error_summary(report["rows"])
+
+
+def test_error_summary_by_hand() -> None:
+    rows = [
+        {"throughput_error": 0.05, "latency_error": -0.2},
+        {"throughput_error": -0.15, "latency_error": 0.1},
+    ]
+
+    summary = error_summary(rows, within=0.1)
+
+    assert summary["throughput_error"] == pytest.approx(
+        {"mean_abs": 0.1, "max_abs": 0.15, "share_within": 0.5}
+    )
+    assert summary["latency_error"] == pytest.approx(
+        {"mean_abs": 0.15, "max_abs": 0.2, "share_within": 0.5}
+    )
