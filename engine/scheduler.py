@@ -170,13 +170,15 @@ class Scheduler:
         if request.slot is None:
             del self.requests[request.request_id]
             return
-        if self.policy.holds_finished_rows and status is not RequestStatus.FINISHED_ABORTED:
-            # static batching: the row is computed until the whole batch is done
-            if all(r.status.is_finished for r in self.running()):
-                for held in self.running():
-                    self._release(held)
-            return
-        self._release(request)
+        holds = self.policy.holds_finished_rows
+        if not holds or status is RequestStatus.FINISHED_ABORTED:
+            self._release(request)
+        # static batching: finished rows are computed until the whole batch is done, and
+        # released together, whether its last member finished or was aborted
+        running = self.running()
+        if holds and running and all(r.status.is_finished for r in running):
+            for held in running:
+                self._release(held)
 
     def _release(self, request: Request) -> None:
         move = self.slots.free(request.request_id)

@@ -130,3 +130,15 @@ def test_new_schedule_waits_for_the_phase_boundary():
     assert run_step(s)[0] is Phase.DECODE
     assert run_step(s) == (Phase.ENCODE, ["q1", "q2", "q3", "q4"])
     assert s.schedule_value.encode_batch == 4
+
+
+def test_static_batch_whose_last_member_is_aborted_releases_every_held_row():
+    s = make(Schedule(Policy.STATIC, encode_batch=2), slots=2)
+    add(s, "early", max_tokens=1)
+    add(s, "late", max_tokens=50)
+    run_step(s)  # "early" finishes at its encoding step; its row is held for the batch
+    assert s.slots.num_used == 2
+    s.abort("late")
+    assert s.slots.num_used == 0 and not s.requests  # nothing leaks
+    add(s, "next", max_tokens=3)
+    assert run_step(s) == (Phase.ENCODE, ["next"])
