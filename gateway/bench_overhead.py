@@ -16,8 +16,8 @@ load on a shared machine:
 
 Both rounds first run the whole workload once untimed (new batch shapes, HTTP
 connections), and delays are only taken from the timed round. The engine gets the threads
-`exegpt serve` gives it (all cores but one unless --num-threads says). The client process
-stands for remote clients: it parses nothing but event openings and runs at a low
+`exegpt serve` gives it (all cores, all but one from 4 cores up, or --num-threads). The
+client process stands for remote clients: it parses nothing but event openings and runs at a low
 priority, so the CPU it needs on this machine stays out of the way of what is measured;
 its CPU per token is reported beside the gateway's. The schedule defaults to
 continuous batching: HTTP requests reach the engine a few milliseconds apart, and under

@@ -72,7 +72,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-threads",
         type=int,
         default=None,
-        help="engine torch threads (default: all cores but one, which the gateway keeps)",
+        help="engine torch threads (default: all cores; all but one from 4 cores up)",
     )
     parser.add_argument(
         "--mqtt",

@@ -10,6 +10,9 @@ from urllib.parse import urlsplit
 POLICIES = ("rra", "continuous", "static")
 
 
+RESERVE_GATEWAY_CORE_FROM = 4  # cores at which the gateway gets one of its own
+
+
 @dataclass(frozen=True)
 class MqttTarget:
     host: str
@@ -26,7 +29,7 @@ class GatewayConfig:
     policy: str = "rra"
     max_num_seqs: int = 64
     max_model_len: int = 2048
-    num_threads: int | None = None  # engine torch threads; None: all cores but one
+    num_threads: int | None = None  # engine torch threads; None: see engine_threads
     # The planner's profile: "full" or "quick" grid, measured once per model and device and
     # cached, or a file made by `exegpt profile`. adapt False: solved once at start, kept.
     profile: str = "full"
@@ -77,11 +80,15 @@ class GatewayConfig:
 
     @property
     def engine_threads(self) -> int:
-        """The engine's torch threads. By default one core is left to the gateway: it
-        streams every token of every step, and when it has to wait for a core that the
-        engine's threads hold, each token waits with it (vLLM's CPU build reserves a core
-        for its front end by default for the same reason)."""
-        return self.num_threads or max(1, (os.cpu_count() or 1) - 1)
+        """The engine's torch threads. The gateway streams every token of every step, and
+        when it waits for a core the engine's threads hold, each token waits with it, so
+        on 4 cores or more one is left to it (as vLLM's CPU build does). On fewer, a core
+        is half the machine's arithmetic, far more than the gateway needs (~25 us per
+        token), so the engine takes them all and its OpenMP threads sleep when idle."""
+        if self.num_threads:
+            return self.num_threads
+        cores = os.cpu_count() or 1
+        return cores - 1 if cores >= RESERVE_GATEWAY_CORE_FROM else cores
 
     @property
     def is_mqtt_enabled(self) -> bool:

@@ -53,8 +53,12 @@ def test_config_rejects_bad_values(overrides: dict[str, object], words: str) -> 
         GatewayConfig(**overrides)  # type: ignore[arg-type]
 
 
-def test_engine_leaves_the_gateway_a_core_unless_told() -> None:
-    assert GatewayConfig().engine_threads == max(1, (os.cpu_count() or 1) - 1)
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 2), (4, 3), (16, 15)])
+def test_engine_leaves_the_gateway_a_core_from_four_cores_up(
+    monkeypatch: pytest.MonkeyPatch, cores: int, threads: int
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert GatewayConfig().engine_threads == threads
     assert GatewayConfig(num_threads=3).engine_threads == 3
 
 
