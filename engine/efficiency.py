@@ -28,14 +28,19 @@ from engine.workloads import Query
 CEILING_SIZE = 2048  # square bf16 matrices: large enough to run at the kernel's peak
 
 
-def measure_ceiling(dtype: torch.dtype, repeats: int = 8) -> float:
-    """FLOP/s of the best of `repeats` [n, n] @ [n, n] products in `dtype`."""
+def measure_ceiling(dtype: torch.dtype, min_seconds: float = 1.0) -> float:
+    """FLOP/s of the fastest [n, n] @ [n, n] product in `dtype` over at least `min_seconds`.
+
+    The best of many products: a moment of contention or a core's frequency ramp lowers
+    some of them, never the best one.
+    """
     n = CEILING_SIZE
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     torch.mm(a, b)  # one-time kernel setup
     best = float("inf")
-    for _ in range(repeats):
+    deadline = time.perf_counter() + min_seconds
+    while time.perf_counter() < deadline:
         start = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
