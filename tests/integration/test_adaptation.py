@@ -82,7 +82,10 @@ async def put_slo(http: aiohttp.ClientSession, server: GatewayServer, bound: flo
 
 async def test_drift_re_solves_then_an_slo_change_meets_the_bound(server: GatewayServer) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-        await stream_all(server)  # a fresh server: short traffic against the C1 prior
+        # a fresh server: short traffic against the C1 prior, twice, so that the decayed
+        # histograms hold more than the controller's 16 requests of evidence
+        await stream_all(server)
+        await stream_all(server)
         deadline = asyncio.get_running_loop().time() + 10
         while True:
             async with http.get(f"{server.url}/v1/slo") as r:
