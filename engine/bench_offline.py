@@ -95,10 +95,32 @@ class RunResult:
     makespan_s: float
     num_output_tokens: int
     work: RunWork
+    # when each query finished, seconds from the run's start (same order as latencies_s);
+    # empty where the runner does not stamp them
+    finish_times_s: tuple[float, ...] = field(default=(), repr=False)
 
     @property
     def num_requests(self) -> int:
         return len(self.latencies_s)
+
+    def steady_state(self, trim: float = 0.25) -> tuple[float, float]:
+        """Queries/s and p99 latency away from the run's ramp-up and drain.
+
+        A run that queues every query at time zero fills its batch at the start and
+        empties it at the end; a planner predicts the state in between. The window runs
+        from the finish of the first `trim` share of queries to the finish of the last
+        `trim` share; its throughput counts the queries finishing inside, its p99 is theirs.
+        """
+        if len(self.finish_times_s) != self.num_requests:
+            raise ValueError(f"{self.policy} run has no finish times")
+        order = np.argsort(self.finish_times_s)
+        lo = int(len(order) * trim)
+        hi = len(order) - 1 - lo
+        if hi - lo < 2:
+            raise ValueError(f"{self.num_requests} queries are too few for a steady window")
+        finish = np.asarray(self.finish_times_s)[order]
+        inside = np.asarray(self.latencies_s)[order][lo + 1 : hi + 1]
+        return (hi - lo) / float(finish[hi] - finish[lo]), float(np.percentile(inside, 99))
 
     @property
     def throughput_req_s(self) -> float:
@@ -195,6 +217,7 @@ def run_engine(
         raise RuntimeError("the engine must be idle before a benchmark run")
     engine.set_schedule(schedule_for(policy, knobs))  # idle: applies at the first step
     latencies: list[float] = []
+    finished_at: list[float] = []
     num_tokens = 0
     computed_before = engine.counters.computed_tokens
     start = time.monotonic()
@@ -208,6 +231,7 @@ def run_engine(
             if out.encode_start_time is None or out.finish_time is None:
                 raise RuntimeError(f"request {out.request_id} finished without timestamps")
             latencies.append(out.finish_time - out.encode_start_time)
+            finished_at.append(out.finish_time - start)
             num_tokens += out.num_output_tokens
     makespan = time.monotonic() - start
     expected = sum(q.output_len for q in queries)
@@ -217,7 +241,9 @@ def run_engine(
             f"{num_tokens}/{expected} tokens"
         )
     work = RunWork.of(engine.model, queries, engine.counters.computed_tokens - computed_before)
-    return RunResult(policy, task, dict(knobs), tuple(latencies), makespan, num_tokens, work)
+    return RunResult(
+        policy, task, dict(knobs), tuple(latencies), makespan, num_tokens, work, tuple(finished_at)
+    )
 
 
 def profile_run(

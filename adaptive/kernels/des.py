@@ -72,11 +72,13 @@ def rra_des(
     g: int,
     b_e: int,
     n_d: int,
+    cap: int,
     in_lens: IArr,
     out_lens: IArr,
     warmup: int,
 ) -> Arr:
-    """Discrete-event RRA: queries join B_E per cycle and leave the iteration they finish.
+    """Discrete-event RRA: queries join B_E per cycle and leave the iteration they finish;
+    with a cap on the running batch (0: none) a cycle admits only up to the cap.
 
     Returns [queries/s, mean decode batch at a cycle's first iteration, p99 latency,
     measured cycles], over the cycles after `warmup` (the start fills an empty batch).
@@ -96,13 +98,14 @@ def rra_des(
         if cycle == warmup:
             t0, done0 = clock, n_done
         in_sum = 0.0
-        for _ in range(b_e):
+        admit = b_e if cap <= 0 else max(min(b_e, cap - n_live), 0)
+        for _ in range(admit):
             live[n_live] = nxt
             start[nxt] = clock
             in_sum += in_lens[nxt]
             n_live += 1
             nxt += 1
-        t_enc = pass_time(tables, axes, s, ENCODE, lay, b_e, in_sum / b_e)
+        t_enc = pass_time(tables, axes, s, ENCODE, lay, admit, in_sum / admit) if admit else 0.0
         clock += t_enc
         if cycle >= warmup:
             batch_sum += n_live

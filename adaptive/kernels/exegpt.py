@@ -46,12 +46,15 @@ def rra_point(
     b_e: int,
     n_d: int,
     paper: bool,
+    cap: int,
 ) -> Point:
     """RRA: (queries/s, latency of the target-length query, B_D, bytes/device, 0).
 
     Each cycle encodes B_E queries then runs N_D decode iterations. A query of output
     length S spends c = ceil(S / N_D) cycles and leaves at iteration 1 + (S-1) mod N_D of
     its last. Little's law: B_D = B_E * E[c]. The paper: B_D = B_E / E[1/c] (smaller).
+    A running batch capped at `cap` rows (0: none) admits only what leaves: when B_D
+    would pass the cap, each cycle encodes B_E * cap / B_D queries and B_D = cap.
     """
     n = int(s[S_N])
     lay = split_devices(k1, kd, d, n, g)
@@ -69,10 +72,14 @@ def rra_point(
             e_cycles += w * c
             e_inv += w / c
     b_d = b_e / e_inv if paper else b_e * e_cycles
+    admitted = float(b_e)
+    if 0 < cap < b_d:
+        admitted *= cap / b_d
+        b_d = float(cap)
     target = int(s[S_OUT_TARGET])
     k = (target + n_d - 1) // n_d
     r = target - (k - 1) * n_d
-    t_enc = pass_time(tables, axes, s, ENCODE, lay, b_e, s[S_IN_MEAN])
+    t_enc = pass_time(tables, axes, s, ENCODE, lay, admitted, s[S_IN_MEAN])
     cycle = t_enc
     partial = 0.0
     alive = b_d
@@ -84,11 +91,11 @@ def rra_point(
         cycle += t_u
         if u <= r:
             partial += t_u
-        alive -= b_d * done_paper[u] if paper else b_e * done[u]
+        alive -= b_d * done_paper[u] if paper else admitted * done[u]
     cycle += bubble
     latency = t_enc + bubble + (k - 1) * cycle + partial
-    kv = s[S_KV_TOKEN] * (b_d * s[S_CTX_MEAN] + b_e * s[S_IN_MEAN])
-    return b_e / cycle, latency, b_d, (weight_bytes(s) + kv) / n, 0.0
+    kv = s[S_KV_TOKEN] * (b_d * s[S_CTX_MEAN] + admitted * s[S_IN_MEAN])
+    return admitted / cycle, latency, b_d, (weight_bytes(s) + kv) / n, 0.0
 
 
 @jit

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from adaptive.cluster import preset_cluster
@@ -12,6 +14,7 @@ from adaptive.schedule import Policy, Schedule
 from adaptive.simulator import simulate, simulate_discrete
 
 DES_TOLERANCE = 0.03  # analytic vs discrete-event throughput and decode batch
+UNCAPPED = 1 << 20  # a max_batch no RRA batch here reaches
 
 
 @pytest.mark.parametrize("task", ["S", "T", "C1"])
@@ -22,7 +25,13 @@ def test_rra_little_matches_discrete_event(
     cluster = preset_cluster("a40", 4)
     dist = LengthDistribution.from_task(task)
     schedule = Schedule(
-        Policy.RRA, b_e, decode_iters=n_d, tp_degree=tp, tp_workers=tp_workers, num_workers=4
+        Policy.RRA,
+        b_e,
+        decode_iters=n_d,
+        max_batch=UNCAPPED,
+        tp_degree=tp,
+        tp_workers=tp_workers,
+        num_workers=4,
     )
     analytic = simulate(opt13b, cluster, dist, schedule)
     des = simulate_discrete(opt13b, cluster, dist, schedule, num_queries=20000, seed=1)
@@ -30,10 +39,28 @@ def test_rra_little_matches_discrete_event(
     assert analytic.decode_batch == pytest.approx(des.mean_decode_batch, rel=DES_TOLERANCE)
 
 
+@pytest.mark.parametrize(("task", "b_e", "n_d", "cap"), [("S", 16, 2, 32), ("C1", 8, 4, 48)])
+def test_rra_capped_batch_matches_discrete_event(
+    opt13b: Profile, task: str, b_e: int, n_d: int, cap: int
+) -> None:
+    """Past the engine's max_batch a cycle admits only what left: B_E no longer sets the
+    rate, the cap does."""
+    cluster = preset_cluster("a40", 4)
+    dist = LengthDistribution.from_task(task)
+    capped = Schedule(Policy.RRA, b_e, decode_iters=n_d, max_batch=cap, num_workers=4)
+    free = simulate(opt13b, cluster, dist, replace(capped, max_batch=UNCAPPED))
+    analytic = simulate(opt13b, cluster, dist, capped)
+    des = simulate_discrete(opt13b, cluster, dist, capped, num_queries=20000, seed=1)
+    assert free.decode_batch > cap  # the cap binds
+    assert analytic.decode_batch == cap
+    assert analytic.throughput_req_s < free.throughput_req_s
+    assert analytic.throughput_req_s == pytest.approx(des.throughput_req_s, rel=DES_TOLERANCE)
+
+
 def test_paper_relation_understates_decode_batch(opt13b: Profile) -> None:
     cluster = preset_cluster("a40", 4)
     dist = LengthDistribution.from_task("T")
-    schedule = Schedule(Policy.RRA, 52, decode_iters=13, num_workers=4)
+    schedule = Schedule(Policy.RRA, 52, decode_iters=13, max_batch=UNCAPPED, num_workers=4)
     paper = simulate(opt13b, cluster, dist, schedule, batch_relation="paper")
     des = simulate_discrete(opt13b, cluster, dist, schedule, seed=2)
     # The notes: 383 vs 553 for task T, N_D = 13, B_E = 52.

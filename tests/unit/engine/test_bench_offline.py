@@ -136,6 +136,28 @@ def test_best_under_bound_picks_fastest_feasible_or_none() -> None:
     assert best_under_bound([fast_slow, slow_fast], Bound("p10", 0.5)) is None
 
 
+def test_steady_state_leaves_out_the_ramp_up_and_the_drain() -> None:
+    # eight queries: two finish early, two late, the middle ones one per second
+    finish = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 9.0, 12.0)
+    latencies = (0.5, 1.0, 1.5, 1.5, 1.5, 2.5, 6.0, 9.0)
+    run = RunResult("rra", "S", {}, latencies, 12.0, 8, RunWork(8, 8, 1.0), finish)
+
+    throughput, p99 = run.steady_state(trim=0.25)
+
+    # window: from the 3rd finish (2 s) to the 6th (5 s); the 4th, 5th and 6th inside
+    assert throughput == pytest.approx(3 / 3.0)
+    assert p99 == pytest.approx(float(np.percentile([1.5, 1.5, 2.5], 99)))
+    assert run.throughput_req_s == pytest.approx(8 / 12.0)
+
+
+def test_steady_state_needs_finish_times_and_enough_queries() -> None:
+    work = RunWork(4, 4, 1.0)
+    with pytest.raises(ValueError, match="no finish times"):
+        RunResult("static", "S", {}, (1.0,) * 4, 4.0, 4, work).steady_state()
+    with pytest.raises(ValueError, match="too few"):
+        RunResult("static", "S", {}, (1.0,) * 4, 4.0, 4, work, (1.0, 2.0, 3.0, 4.0)).steady_state()
+
+
 def test_cli_writes_records(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     status = main(
