@@ -36,6 +36,7 @@ from adaptive.errors import PlanningError
 from adaptive.profile import Profile, parse_profile
 from adaptive.schedule import Policy, Schedule
 from adaptive.search import solve
+from adaptive.serving import ServingTarget
 from adaptive.simulator import simulate
 from engine.bench import sweep
 from engine.bench_offline import (
@@ -98,6 +99,18 @@ def planned_knobs(
     }
 
 
+def step_time_ratios(target: ServingTarget, run: RunResult) -> dict[str, float | None]:
+    """Measured over profile-predicted time of the run's encoding and decoding steps, each
+    step priced at its own batch and length: where this is near 1 and the schedule's
+    figures are not, the error lies in the schedule model, not in the layer times."""
+    ratios: dict[str, float | None] = {}
+    for name, is_encode in (("encode_step_ratio", True), ("decode_step_ratio", False)):
+        steps = [t for t in run.steps if t.is_encode is is_encode]
+        predicted = sum(target.step_seconds(is_encode, t.batch, t.length) for t in steps)
+        ratios[name] = sum(t.seconds for t in steps) / predicted if steps else None
+    return ratios
+
+
 def compare_run(
     profile: Profile, cluster: Cluster, dist: LengthDistribution, run: RunResult, source: str
 ) -> dict[str, Any]:
@@ -105,6 +118,7 @@ def compare_run(
     schedule: Schedule = schedule_for(run.policy, run.knobs)
     predicted = simulate(profile, cluster, dist, schedule)
     measured_req_s, measured_p99 = run.steady_state()
+    target = ServingTarget(profile, schedule.max_batch, Policy.RRA)
     return {
         "schedule": schedule.describe(),
         "policy": run.policy,
@@ -118,6 +132,7 @@ def compare_run(
         "latency_error": relative_error(predicted.latency_s, measured_p99),
         "whole_run_req_s": run.throughput_req_s,
         "whole_run_p99_latency_s": run.latency_percentile_s(99),
+        **step_time_ratios(target, run),
     }
 
 
@@ -182,15 +197,17 @@ def print_fidelity(report: dict[str, Any]) -> None:
     print(f"\nfidelity: {report['model']}, task {report['task']}, {report['num_queries']} queries")
     print(
         f"{'schedule':<28} {'source':<12} {'pred req/s':>10} {'meas req/s':>10} {'err':>7} "
-        f"{'pred p99':>9} {'meas p99':>9} {'err':>7}"
+        f"{'pred p99':>9} {'meas p99':>9} {'err':>7} {'enc x':>6} {'dec x':>6}"
     )
     for r in report["rows"]:
         print(
             f"{r['schedule']:<28} {r['source']:<12} {r['predicted_req_s']:>10.3f} "
             f"{r['measured_req_s']:>10.3f} {r['throughput_error']:>+7.1%} "
             f"{r['predicted_p99_latency_s']:>9.3f} {r['measured_p99_latency_s']:>9.3f} "
-            f"{r['latency_error']:>+7.1%}"
+            f"{r['latency_error']:>+7.1%} {_ratio(r['encode_step_ratio'])} "
+            f"{_ratio(r['decode_step_ratio'])}"
         )
+    print("enc x / dec x: measured over predicted time of the run's own encode / decode steps")
     s = report["summary"]
     for key, label in (("throughput_error", "throughput"), ("latency_error", "p99 latency")):
         e = s[key]
@@ -240,6 +257,10 @@ def run_fidelity(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _ratio(value: float | None) -> str:
+    return f"{'-':>6}" if value is None else f"{value:>6.2f}"
 
 
 def _pow2(n: int) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 
 from adaptive.schedule import Policy, Schedule
 from engine.efficiency import ModelWork, StepProfile, needed_tokens, profile_steps
-from engine.llm_engine import EngineConfig, LLMEngine
+from engine.llm_engine import EngineConfig, LLMEngine, StepTiming
 from engine.model_loader import LoadedModel
 from engine.sampling import SamplingParams
 from engine.workloads import Query
@@ -95,9 +95,10 @@ class RunResult:
     makespan_s: float
     num_output_tokens: int
     work: RunWork
-    # when each query finished, seconds from the run's start (same order as latencies_s);
-    # empty where the runner does not stamp them
+    # when each query finished, seconds from the run's start (same order as latencies_s),
+    # and every engine step's shape and time; empty where the runner does not record them
     finish_times_s: tuple[float, ...] = field(default=(), repr=False)
+    steps: tuple[StepTiming, ...] = field(default=(), repr=False)
 
     @property
     def num_requests(self) -> int:
@@ -218,6 +219,7 @@ def run_engine(
     engine.set_schedule(schedule_for(policy, knobs))  # idle: applies at the first step
     latencies: list[float] = []
     finished_at: list[float] = []
+    steps: list[StepTiming] = []
     num_tokens = 0
     computed_before = engine.counters.computed_tokens
     start = time.monotonic()
@@ -225,7 +227,11 @@ def run_engine(
         params = SamplingParams(max_tokens=query.output_len, ignore_eos=True)
         engine.add_request(f"{run_id}-{i}", prompt, params)
     while engine.has_unfinished():
-        for out in engine.step():
+        outputs = engine.step()
+        if engine.last_step is not None:  # taken, so a step that ran nothing adds none
+            steps.append(engine.last_step)
+            engine.last_step = None
+        for out in outputs:
             if not out.finished:
                 continue
             if out.encode_start_time is None or out.finish_time is None:
@@ -242,7 +248,15 @@ def run_engine(
         )
     work = RunWork.of(engine.model, queries, engine.counters.computed_tokens - computed_before)
     return RunResult(
-        policy, task, dict(knobs), tuple(latencies), makespan, num_tokens, work, tuple(finished_at)
+        policy,
+        task,
+        dict(knobs),
+        tuple(latencies),
+        makespan,
+        num_tokens,
+        work,
+        tuple(finished_at),
+        tuple(steps),
     )
 
 

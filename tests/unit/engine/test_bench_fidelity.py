@@ -53,6 +53,14 @@ def test_errors_are_predicted_against_measured(report: dict[str, Any]) -> None:
     assert report["summary"] == error_summary(report["rows"])
 
 
+def test_step_times_are_priced_by_the_profile(report: dict[str, Any]) -> None:
+    # every run encodes and decodes; a ratio is measured over predicted time, so a
+    # profile taken on this machine a moment earlier lands within a few times of 1
+    for row in report["rows"]:
+        for key in ("encode_step_ratio", "decode_step_ratio"):
+            assert 0.2 < row[key] < 5.0, (row["schedule"], key, row[key])
+
+
 def test_error_summary_by_hand() -> None:
     rows = [
         {"throughput_error": 0.05, "latency_error": -0.2},

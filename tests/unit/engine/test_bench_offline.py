@@ -80,6 +80,16 @@ def test_every_run_completes_every_query(runs: list[RunResult]) -> None:
         assert r.throughput_req_s > 0 and r.latency_percentile_s(99) >= r.latency_percentile_s(50)
 
 
+def test_engine_runs_record_finishes_and_steps(runs: list[RunResult]) -> None:
+    for r in (r for r in runs if r.policy != "hf_generate"):
+        assert len(r.finish_times_s) == r.num_requests
+        assert min(r.finish_times_s) > 0 and max(r.finish_times_s) <= r.makespan_s
+        # every query is encoded exactly once
+        encoded = sum(t.batch for t in r.steps if t.is_encode)
+        assert encoded == r.num_requests
+        assert all(t.seconds > 0 for t in r.steps)
+
+
 def test_only_static_batching_computes_tokens_its_queries_do_not_need(
     runs: list[RunResult],
 ) -> None:
