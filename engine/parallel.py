@@ -1,0 +1,182 @@
+"""One step of the forward over a torch.distributed group: pipeline stages x tensor slices.
+
+Ranks are laid out stage-major; the driver (the engine's own process) is rank 0:
+
+    tp_degree = 2, 3 stages:   stage 0: ranks 0 1   stage 1: ranks 2 3   stage 2: ranks 4 5
+                               layers [0, a)        layers [a, b)        layers [b, L)
+
+Every step the driver broadcasts a WorkerStep to all ranks. Each rank applies the queued
+slot moves to its own cache, then runs its layers: stage 0 embeds the tokens, a later stage
+receives the hidden states from the same tensor rank of the stage before, and within a stage
+the tensor slices sum their row-parallel products with an all-reduce. The last stage's
+tensor rank 0 sends the logits to the driver (unless it is the driver). All shapes follow
+from the step's inputs, so plain send/recv of fixed-size tensors is enough.
+
+The default group only carries the step broadcast, where an idle worker may wait for hours;
+the step's own traffic runs on groups whose timeout bounds the wait on a dead or hung peer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+import msgspec
+import torch
+import torch.distributed as dist
+
+from engine.model_loader import LoadedModel
+from engine.models.base import EncodeItem
+from engine.models.decoder_only import TP_ARCHS, DecoderOnlyExecutor, TensorSlice, num_layers
+from engine.protocol import WorkerStep
+
+IDLE_TIMEOUT = timedelta(days=30)  # a worker waits this long for the next step
+
+
+@dataclass(frozen=True)
+class Layout:
+    num_workers: int
+    tp_degree: int
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.tp_degree < 1:
+            raise ValueError("the number of workers and the TP degree must be >= 1")
+        if self.num_workers % self.tp_degree:
+            raise ValueError(
+                f"{self.num_workers} workers do not split into tensor-parallel groups of "
+                f"{self.tp_degree}"
+            )
+
+    @property
+    def num_stages(self) -> int:
+        return self.num_workers // self.tp_degree
+
+    def stage(self, rank: int) -> int:
+        return rank // self.tp_degree
+
+    def layers(self, stage: int, total: int) -> range:
+        """Contiguous layers of a stage; the first `total % stages` stages take one more."""
+        base, extra = divmod(total, self.num_stages)
+        start = stage * base + min(stage, extra)
+        return range(start, start + base + (stage < extra))
+
+    def check(self, loaded: LoadedModel) -> None:
+        """Raise ValueError with one clear line if `loaded` cannot run on this layout."""
+        if self.num_workers == 1:
+            return
+        if loaded.is_encoder_decoder:
+            raise ValueError("several workers support decoder-only models; run T5 with one")
+        cfg = loaded.model.config
+        if self.tp_degree > 1 and cfg.model_type not in TP_ARCHS:
+            raise ValueError(
+                f"tensor parallelism supports {', '.join(sorted(TP_ARCHS))}, "
+                f"not {cfg.model_type}; use pipeline stages (--tp 1)"
+            )
+        if self.num_stages > num_layers(loaded):
+            raise ValueError(
+                f"{self.num_stages} pipeline stages exceed the model's {num_layers(loaded)} layers"
+            )
+
+
+class StageWorker:
+    """One rank's share of every step (the driver's included): its layers, its heads."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        layout: Layout,
+        num_slots: int,
+        max_len: int,
+        groups: tuple[Any, list[Any]],  # (group of all ranks, one tensor group per stage)
+    ) -> None:
+        self.rank = dist.get_rank()
+        self.layout = layout
+        self.stage = layout.stage(self.rank)
+        self.data_group, tp_groups = groups
+        tp = None
+        if layout.tp_degree > 1:
+            reduce = partial(dist.all_reduce, group=tp_groups[self.stage])
+            tp = TensorSlice(self.rank % layout.tp_degree, layout.tp_degree, reduce)
+        layers = layout.layers(self.stage, num_layers(loaded))
+        self.executor = DecoderOnlyExecutor(loaded, num_slots, max_len, layers, tp)
+        self.vocab_size = loaded.vocab_size
+        self.last_rank = (layout.num_stages - 1) * layout.tp_degree  # sends the logits
+
+    @torch.inference_mode()
+    def run(self, step: WorkerStep) -> torch.Tensor | None:
+        """This rank's part of the step; the logits where this rank is the driver."""
+        for src, dst, length in step.moves:
+            self.executor.move_slot(src, dst, length)
+        items = [EncodeItem(slot, ids) for slot, ids in step.items]
+        batch = self.executor.batch(items, step.token_ids, step.context_lens)
+        tp = self.layout.tp_degree
+        if self.stage == 0:
+            h = self.executor.embed(batch)
+        else:
+            h = torch.empty(batch.num_tokens, self.executor.hidden_size, dtype=self.executor.dtype)
+            dist.recv(h, src=self.rank - tp, group=self.data_group)
+        h = self.executor.run_layers(batch, h)  # [packed + n, hidden]
+        if self.stage < self.layout.num_stages - 1:
+            dist.send(h, dst=self.rank + tp, group=self.data_group)
+        elif self.rank == self.last_rank and self.rank != 0:
+            dist.send(self.executor.logits(batch, h), dst=0, group=self.data_group)
+        elif self.rank == 0:
+            return self.executor.logits(batch, h)
+        if self.rank != 0:
+            return None
+        logits = torch.empty(batch.num_logits, self.vocab_size)  # [items + n, vocab] float32
+        dist.recv(logits, src=self.last_rank, group=self.data_group)
+        return logits
+
+
+def join_group(
+    loaded: LoadedModel, layout: Layout, store: dist.Store, rank: int, timeout_s: float
+) -> tuple[Any, list[Any]]:
+    """Join the default group (gloo) and make the step's groups; every rank calls this.
+
+    Raises RuntimeError if the ranks loaded different weights (a model folder that
+    differs between machines, or random weights made from another seed)."""
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=layout.num_workers, timeout=IDLE_TIMEOUT
+    )
+    step_timeout = timedelta(seconds=timeout_s)
+    data_group = dist.new_group(timeout=step_timeout)
+    tp_groups = [
+        dist.new_group(
+            list(range(s * layout.tp_degree, (s + 1) * layout.tp_degree)), timeout=step_timeout
+        )
+        for s in range(layout.num_stages)
+    ]
+    mine = weights_fingerprint(loaded)
+    everyone = [torch.zeros_like(mine) for _ in range(layout.num_workers)]
+    dist.all_gather(everyone, mine, group=data_group)
+    differing = [r for r, theirs in enumerate(everyone) if not torch.equal(theirs, mine)]
+    if differing:
+        raise RuntimeError(f"workers {differing} loaded other weights than worker {rank}")
+    return data_group, tp_groups
+
+
+def weights_fingerprint(loaded: LoadedModel) -> torch.Tensor:
+    """[2] float64: the sum of every weight, and the sum weighted by parameter order."""
+    sums = torch.stack([p.detach().double().sum() for p in loaded.model.parameters()])
+    order = torch.arange(1, len(sums) + 1, dtype=torch.float64)
+    return torch.stack([sums.sum(), (sums * order).sum()])
+
+
+_step_decoder = msgspec.msgpack.Decoder(WorkerStep)
+
+
+def broadcast_step(step: WorkerStep | None) -> WorkerStep:
+    """The driver's `step` on every rank (workers pass None and wait for it)."""
+    if step is not None:
+        data = torch.frombuffer(bytearray(msgspec.msgpack.encode(step)), dtype=torch.uint8)
+        size = torch.tensor([len(data)])
+    else:
+        size = torch.zeros(1, dtype=torch.long)
+    dist.broadcast(size, src=0)
+    if step is None:
+        data = torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(data, src=0)
+    return step if step is not None else _step_decoder.decode(data.numpy().tobytes())
