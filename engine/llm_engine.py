@@ -39,7 +39,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # KV rows = the largest running batch
     max_model_len: int = 2048  # prompt + output tokens per query (capped by the model's)
     schedule: Schedule = field(default_factory=default_schedule)
-    num_threads: int | None = None  # torch threads per worker; None = the cores / workers
+    num_threads: int | None = None  # torch threads, shared by the workers; None = all cores
     detokenize: bool = True  # benchmarks that only count tokens can skip text
     # encoding phases carry the running batch's decoding iteration (Scheduler.carry_decode)
     carry_decode: bool = True
@@ -62,7 +62,7 @@ class EngineConfig:
 
     @property
     def threads_per_worker(self) -> int:
-        return self.num_threads or max(1, (os.cpu_count() or 1) // self.num_workers)
+        return max(1, (self.num_threads or os.cpu_count() or 1) // self.num_workers)
 
 
 @dataclass(frozen=True)
