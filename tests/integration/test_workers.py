@@ -6,11 +6,16 @@ Each engine here starts one worker process (torch import and model load: a few s
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import random
 import signal
 import time
+from typing import Any
 
+import aiohttp
+import psutil
 import pytest
 
 from adaptive.schedule import Policy, Schedule
@@ -112,3 +117,42 @@ def test_unsupported_layouts_are_refused_before_any_process_starts(load_cached):
         LLMEngine(config("random:gpt2", num_workers=2, tp_degree=2), load_cached("random:gpt2"))
     with pytest.raises(ValueError, match="exceed the model's 2 layers"):
         LLMEngine(config("random:llama", num_workers=3), load_cached("random:llama"))
+
+
+async def test_served_requests_get_errors_when_a_worker_dies(make_gateway: Any) -> None:
+    """Through the engine process: every in-flight stream ends with an error event, then
+    the server answers new requests on a fresh worker group."""
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with (
+        make_gateway(num_workers=2) as server,
+        aiohttp.ClientSession(timeout=timeout) as http,
+    ):
+        url = f"{server.url}/v1/completions"
+        body = {"model": "random:llama", "prompt": "count", "ignore_eos": True}
+        started = [asyncio.Event() for _ in range(3)]
+
+        async def last_event(started: asyncio.Event) -> dict[str, Any]:
+            """The stream's last JSON event, read after its first token arrived."""
+            events = []
+            stream = body | {"max_tokens": 500, "stream": True}
+            async with http.post(url, json=stream) as response:
+                async for line in response.content:
+                    if line.startswith(b"data: {"):
+                        events.append(json.loads(line.removeprefix(b"data: ")))
+                        started.set()
+            return events[-1]
+
+        in_flight = [asyncio.create_task(last_event(event)) for event in started]
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 30)
+        (worker,) = [
+            child
+            for child in psutil.Process().children(recursive=True)
+            if "engine.workers" in child.cmdline()
+        ]
+        worker.send_signal(signal.SIGKILL)
+        for last in await asyncio.wait_for(asyncio.gather(*in_flight), 30):
+            assert "model worker" in last["error"]["message"], last
+        async with http.post(url, json=body | {"max_tokens": 3}) as response:
+            answer = await response.json()
+            assert response.status == 200, answer
+        assert answer["usage"]["completion_tokens"] == 3
