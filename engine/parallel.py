@@ -10,7 +10,9 @@ slot moves to its own cache, then runs its layers: stage 0 embeds the tokens, a 
 receives the hidden states from the same tensor rank of the stage before, and within a stage
 the tensor slices sum their row-parallel products with an all-reduce. The last stage's
 tensor rank 0 sends the logits to the driver (unless it is the driver). All shapes follow
-from the step's inputs, so plain send/recv of fixed-size tensors is enough.
+from the step's inputs, so plain send/recv of fixed-size tensors is enough. An encoder-
+decoder model (T5, pipeline stages only) makes two passes: the encoder blocks over the new
+queries, whose output every stage needs for its cross-attention, then the decoder step.
 
 The default group only carries the step broadcast, where an idle worker may wait for hours;
 the step's own traffic runs on groups whose timeout bounds the wait on a dead or hung peer.
@@ -18,6 +20,8 @@ the step's own traffic runs on groups whose timeout bounds the wait on a dead or
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -30,6 +34,7 @@ import torch.distributed as dist
 from engine.model_loader import LoadedModel
 from engine.models.base import EncodeItem
 from engine.models.decoder_only import TP_ARCHS, DecoderOnlyExecutor, TensorSlice, num_layers
+from engine.models.t5 import T5Executor
 from engine.protocol import WorkerStep
 
 IDLE_TIMEOUT = timedelta(days=30)  # a worker waits this long for the next step
@@ -66,22 +71,110 @@ class Layout:
         """Raise ValueError with one clear line if `loaded` cannot run on this layout."""
         if self.num_workers == 1:
             return
-        if loaded.is_encoder_decoder:
-            raise ValueError("several workers support decoder-only models; run T5 with one")
         cfg = loaded.model.config
         if self.tp_degree > 1 and cfg.model_type not in TP_ARCHS:
             raise ValueError(
                 f"tensor parallelism supports {', '.join(sorted(TP_ARCHS))}, "
                 f"not {cfg.model_type}; use pipeline stages (--tp 1)"
             )
-        if self.num_stages > num_layers(loaded):
-            raise ValueError(
-                f"{self.num_stages} pipeline stages exceed the model's {num_layers(loaded)} layers"
-            )
+        depth = min(
+            num_layers(loaded), getattr(cfg, "num_decoder_layers", None) or num_layers(loaded)
+        )
+        if self.num_stages > depth:
+            raise ValueError(f"{self.num_stages} pipeline stages exceed the model's {depth} layers")
 
 
-class StageWorker:
+class StageWorker(ABC):
     """One rank's share of every step (the driver's included): its layers, its heads."""
+
+    def __init__(self, layout: Layout, vocab_size: int, groups: tuple[Any, list[Any]]) -> None:
+        self.rank = dist.get_rank()
+        self.layout = layout
+        self.stage = layout.stage(self.rank)
+        self.data_group, self.tp_groups = groups
+        self.vocab_size = vocab_size
+        self.last_rank = (layout.num_stages - 1) * layout.tp_degree  # sends the logits
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.layout.num_stages - 1
+
+    @abstractmethod
+    def run(self, step: WorkerStep) -> torch.Tensor | None:
+        """This rank's part of the step; the logits where this rank is the driver."""
+
+    def _pipe(
+        self,
+        first: Callable[[], torch.Tensor],
+        layers: Callable[[torch.Tensor], torch.Tensor],
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Stage 0 computes `first()`, later stages receive the hidden states from the stage
+        before; each applies its `layers` and passes them on. Returns this stage's output
+        (the pass's result on the last stage)."""
+        tp = self.layout.tp_degree
+        if self.stage == 0:
+            h = first()
+        else:
+            h = torch.empty(shape, dtype=dtype)
+            dist.recv(h, src=self.rank - tp, group=self.data_group)
+        h = layers(h)
+        if not self.is_last_stage:
+            dist.send(h, dst=self.rank + tp, group=self.data_group)
+        return h
+
+    def _deliver(self, logits: Callable[[], torch.Tensor], num_rows: int) -> torch.Tensor | None:
+        """The last stage's logits, computed there and received by the driver."""
+        if self.rank == self.last_rank:
+            out = logits()
+            if self.rank == 0:
+                return out
+            dist.send(out, dst=0, group=self.data_group)
+        if self.rank != 0:
+            return None
+        out = torch.empty(num_rows, self.vocab_size)  # [rows, vocab] float32
+        dist.recv(out, src=self.last_rank, group=self.data_group)
+        return out
+
+
+class DecoderOnlyStage(StageWorker):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        layout: Layout,
+        num_slots: int,
+        max_len: int,
+        groups: tuple[Any, list[Any]],
+    ) -> None:
+        super().__init__(layout, loaded.vocab_size, groups)
+        tp = None
+        if layout.tp_degree > 1:
+            reduce = partial(dist.all_reduce, group=self.tp_groups[self.stage])
+            tp = TensorSlice(self.rank % layout.tp_degree, layout.tp_degree, reduce)
+        layers = layout.layers(self.stage, num_layers(loaded))
+        self.executor = DecoderOnlyExecutor(loaded, num_slots, max_len, layers, tp)
+
+    @torch.inference_mode()
+    def run(self, step: WorkerStep) -> torch.Tensor | None:
+        ex = self.executor
+        for src, dst, length in step.moves:
+            ex.move_slot(src, dst, length)
+        items = [EncodeItem(slot, ids) for slot, ids in step.items]
+        batch = ex.batch(items, step.token_ids, step.context_lens)
+        h = self._pipe(
+            lambda: ex.embed(batch),
+            lambda h: ex.run_layers(batch, h),
+            (batch.num_tokens, ex.hidden_size),
+            ex.dtype,
+        )  # [packed + n, hidden]
+        return self._deliver(lambda: ex.logits(batch, h), batch.num_logits)
+
+
+class T5Stage(StageWorker):
+    """Two passes down the pipeline per step: the encoder over the new queries, whose output
+    the last stage broadcasts (every stage projects it into its own cross-attention cache),
+    then the decoder step."""
 
     def __init__(
         self,
@@ -89,46 +182,56 @@ class StageWorker:
         layout: Layout,
         num_slots: int,
         max_len: int,
-        groups: tuple[Any, list[Any]],  # (group of all ranks, one tensor group per stage)
+        groups: tuple[Any, list[Any]],
     ) -> None:
-        self.rank = dist.get_rank()
-        self.layout = layout
-        self.stage = layout.stage(self.rank)
-        self.data_group, tp_groups = groups
-        tp = None
-        if layout.tp_degree > 1:
-            reduce = partial(dist.all_reduce, group=tp_groups[self.stage])
-            tp = TensorSlice(self.rank % layout.tp_degree, layout.tp_degree, reduce)
-        layers = layout.layers(self.stage, num_layers(loaded))
-        self.executor = DecoderOnlyExecutor(loaded, num_slots, max_len, layers, tp)
-        self.vocab_size = loaded.vocab_size
-        self.last_rank = (layout.num_stages - 1) * layout.tp_degree  # sends the logits
+        super().__init__(layout, loaded.vocab_size, groups)
+        cfg = loaded.model.config
+        self.executor = T5Executor(
+            loaded,
+            num_slots,
+            max_len,
+            layout.layers(self.stage, cfg.num_layers),
+            layout.layers(self.stage, cfg.num_decoder_layers),
+        )
 
     @torch.inference_mode()
     def run(self, step: WorkerStep) -> torch.Tensor | None:
-        """This rank's part of the step; the logits where this rank is the driver."""
+        ex = self.executor
         for src, dst, length in step.moves:
-            self.executor.move_slot(src, dst, length)
+            ex.move_slot(src, dst, length)
         items = [EncodeItem(slot, ids) for slot, ids in step.items]
-        batch = self.executor.batch(items, step.token_ids, step.context_lens)
-        tp = self.layout.tp_degree
-        if self.stage == 0:
-            h = self.executor.embed(batch)
-        else:
-            h = torch.empty(batch.num_tokens, self.executor.hidden_size, dtype=self.executor.dtype)
-            dist.recv(h, src=self.rank - tp, group=self.data_group)
-        h = self.executor.run_layers(batch, h)  # [packed + n, hidden]
-        if self.stage < self.layout.num_stages - 1:
-            dist.send(h, dst=self.rank + tp, group=self.data_group)
-        elif self.rank == self.last_rank and self.rank != 0:
-            dist.send(self.executor.logits(batch, h), dst=0, group=self.data_group)
-        elif self.rank == 0:
-            return self.executor.logits(batch, h)
-        if self.rank != 0:
-            return None
-        logits = torch.empty(batch.num_logits, self.vocab_size)  # [items + n, vocab] float32
-        dist.recv(logits, src=self.last_rank, group=self.data_group)
-        return logits
+        if items:
+            packed = sum(len(item.token_ids) for item in items)
+            enc = self._pipe(
+                lambda: ex.encoder_embed(items),
+                lambda h: ex.encoder_layers(items, h),
+                (packed, ex.hidden_size),
+                ex.dtype,
+            )  # [packed, d_model]
+            if self.is_last_stage:
+                enc = ex.encoder_finish(enc)
+            dist.broadcast(enc, src=self.last_rank, group=self.data_group)
+            ex.store_cross(items, enc)
+        batch = ex.decode_batch(items, step.token_ids, step.context_lens)
+        rows = len(batch.slots)
+        h = self._pipe(
+            lambda: ex.decoder_embed(batch),
+            lambda h: ex.decoder_layers(batch, h),
+            (rows, ex.hidden_size),
+            ex.dtype,
+        )  # [rows, d_model]
+        return self._deliver(lambda: ex.logits(h), rows)
+
+
+def make_stage(
+    loaded: LoadedModel,
+    layout: Layout,
+    num_slots: int,
+    max_len: int,
+    groups: tuple[Any, list[Any]],
+) -> StageWorker:
+    stage = T5Stage if loaded.is_encoder_decoder else DecoderOnlyStage
+    return stage(loaded, layout, num_slots, max_len, groups)
 
 
 def join_group(

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from engine.model_loader import LoadedModel, load_model
 from engine.models.base import EncodeItem
-from engine.parallel import Layout, StageWorker, broadcast_step, join_group
+from engine.parallel import Layout, StageWorker, broadcast_step, join_group, make_stage
 from engine.protocol import WorkerSpec, WorkerStep
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class WorkerGroup:
         try:
             self._wait_loaded(store)
             groups = join_group(self.loaded, self.layout, store, 0, self.spec.timeout_s)
-            self._stage = StageWorker(
+            self._stage = make_stage(
                 self.loaded, self.layout, self.spec.num_slots, self.spec.max_len, groups
             )
         except BaseException:
@@ -189,7 +189,7 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
     store.set(f"loaded/{rank}", "1")
     layout = Layout(spec.num_workers, spec.tp_degree)
     groups = join_group(loaded, layout, store, rank, spec.timeout_s)
-    stage = StageWorker(loaded, layout, spec.num_slots, spec.max_len, groups)
+    stage = make_stage(loaded, layout, spec.num_slots, spec.max_len, groups)
     while not (step := broadcast_step(None)).is_stop:
         stage.run(step)
     dist.destroy_process_group()

@@ -58,10 +58,16 @@ def config(model: str, dtype: str = "float32", **overrides: object) -> EngineCon
 
 @pytest.mark.parametrize(
     ("model", "dtype"),
-    [("random:llama", "bfloat16"), ("random:llama", "float32"), ("random:gpt2", "float32")],
+    [
+        ("random:llama", "bfloat16"),
+        ("random:llama", "float32"),
+        ("random:gpt2", "float32"),
+        ("random:t5", "float32"),
+    ],
 )
 def test_two_pipeline_stages_match_one_worker(load_cached, model, dtype):
-    """Each stage computes whole layers, in the same order: equal even in bfloat16."""
+    """Each stage computes whole layers, in the same order: equal even in bfloat16.
+    T5's stages split the encoder blocks and the decoder blocks."""
     loaded = load_cached(model, dtype)
     queries = workload(seed=1, n=9)
     expected = run_engine(LLMEngine(config(model, dtype), loaded), queries)
@@ -111,8 +117,8 @@ def test_a_killed_worker_fails_the_step_and_the_group_restarts(load_cached):
 def test_unsupported_layouts_are_refused_before_any_process_starts(load_cached):
     with pytest.raises(ValueError, match="split into tensor-parallel groups"):
         config("random:llama", num_workers=3, tp_degree=2)
-    with pytest.raises(ValueError, match="decoder-only"):
-        LLMEngine(config("random:t5", num_workers=2), load_cached("random:t5"))
+    with pytest.raises(ValueError, match="tensor parallelism supports"):
+        LLMEngine(config("random:t5", num_workers=2, tp_degree=2), load_cached("random:t5"))
     with pytest.raises(ValueError, match="tensor parallelism supports"):
         LLMEngine(config("random:gpt2", num_workers=2, tp_degree=2), load_cached("random:gpt2"))
     with pytest.raises(ValueError, match="exceed the model's 2 layers"):
