@@ -72,10 +72,16 @@ class Layout:
         if self.num_workers == 1:
             return
         cfg = loaded.model.config
-        if self.tp_degree > 1 and cfg.model_type not in TP_ARCHS:
+        tp = self.tp_degree
+        if tp > 1 and cfg.model_type not in TP_ARCHS:
             raise ValueError(
                 f"tensor parallelism supports {', '.join(sorted(TP_ARCHS))}, "
                 f"not {cfg.model_type}; use pipeline stages (--tp 1)"
+            )
+        if tp > 1 and (cfg.num_key_value_heads % tp or cfg.intermediate_size % tp):
+            raise ValueError(
+                f"tensor parallelism {self.tp_degree} must divide the KV heads "
+                f"({cfg.num_key_value_heads}) and the MLP width ({cfg.intermediate_size})"
             )
         depth = min(
             num_layers(loaded), getattr(cfg, "num_decoder_layers", None) or num_layers(loaded)
@@ -86,6 +92,8 @@ class Layout:
 
 class StageWorker(ABC):
     """One rank's share of every step (the driver's included): its layers, its heads."""
+
+    executor: DecoderOnlyExecutor | T5Executor
 
     def __init__(self, layout: Layout, vocab_size: int, groups: tuple[Any, list[Any]]) -> None:
         self.rank = dist.get_rank()
@@ -153,7 +161,9 @@ class DecoderOnlyStage(StageWorker):
             reduce = partial(dist.all_reduce, group=self.tp_groups[self.stage])
             tp = TensorSlice(self.rank % layout.tp_degree, layout.tp_degree, reduce)
         layers = layout.layers(self.stage, num_layers(loaded))
-        self.executor = DecoderOnlyExecutor(loaded, num_slots, max_len, layers, tp)
+        self.executor: DecoderOnlyExecutor = DecoderOnlyExecutor(
+            loaded, num_slots, max_len, layers, tp
+        )
 
     @torch.inference_mode()
     def run(self, step: WorkerStep) -> torch.Tensor | None:
@@ -186,7 +196,7 @@ class T5Stage(StageWorker):
     ) -> None:
         super().__init__(layout, loaded.vocab_size, groups)
         cfg = loaded.model.config
-        self.executor = T5Executor(
+        self.executor: T5Executor = T5Executor(
             loaded,
             num_slots,
             max_len,

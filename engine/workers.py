@@ -190,6 +190,7 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
     layout = Layout(spec.num_workers, spec.tp_degree)
     groups = join_group(loaded, layout, store, rank, spec.timeout_s)
     stage = make_stage(loaded, layout, spec.num_slots, spec.max_len, groups)
+    stage.executor.drop_model_layers()  # the model is this process's alone
     while not (step := broadcast_step(None)).is_stop:
         stage.run(step)
     dist.destroy_process_group()

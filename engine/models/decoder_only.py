@@ -43,21 +43,22 @@ class TensorSlice:
     all_reduce: Callable[[torch.Tensor], None]
 
     def rows(self, weight: torch.Tensor, unit: int = 1) -> torch.Tensor:
-        """This worker's block of output rows, in whole units (a head is head_dim rows)."""
+        """A copy of this worker's block of output rows, in whole units (a head is head_dim
+        rows); a copy, so that the whole weight can be freed."""
         part = weight.shape[0] // unit // self.size * unit
-        return weight[self.rank * part : (self.rank + 1) * part]
+        return weight[self.rank * part : (self.rank + 1) * part].clone()
 
     def columns(self, weight: torch.Tensor, unit: int = 1) -> torch.Tensor:
         part = weight.shape[1] // unit // self.size * unit
-        return weight[:, self.rank * part : (self.rank + 1) * part]
+        return weight[:, self.rank * part : (self.rank + 1) * part].contiguous()
 
 
 class _Arch(Protocol):
     """One architecture's pieces around attention; the executor owns attention and cache.
 
-    `layers` are this worker's layers only, indexed from 0; heads are this worker's."""
+    Layers are this worker's only, indexed from 0; heads are this worker's."""
 
-    layers: list[Any]
+    num_layers: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -74,6 +75,8 @@ class _Arch(Protocol):
     def finish_layer(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor: ...
 
     def logits(self, h: torch.Tensor) -> torch.Tensor: ...
+
+    def drop_model_layers(self) -> None: ...
 
 
 def _linear(*modules: Any) -> FusedLinear:
@@ -103,20 +106,18 @@ class _LlamaArch:
     def __init__(self, model: Any, layers: range, tp: TensorSlice | None) -> None:
         cfg = model.config  # a transformers LlamaForCausalLM (or alike)
         self.body: Any = model.model
-        self.layers: list[Any] = [self.body.layers[i] for i in layers]
+        own = [self.body.layers[i] for i in layers]
+        self.num_layers = len(own)
         self.hidden_size = cfg.hidden_size
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        size = 1 if tp is None else tp.size
-        if cfg.num_key_value_heads % size or cfg.intermediate_size % size:
-            raise ValueError(
-                f"tensor parallelism {size} must divide the KV heads "
-                f"({cfg.num_key_value_heads}) and the MLP width ({cfg.intermediate_size})"
-            )
+        size = 1 if tp is None else tp.size  # dividing the KV heads: Layout.check
         self.num_heads = cfg.num_attention_heads // size
         self.num_kv_heads = cfg.num_key_value_heads // size
         self.tp = tp
-        attns = [layer.self_attn for layer in self.layers]
-        mlps = [layer.mlp for layer in self.layers]
+        self.input_norms = [layer.input_layernorm for layer in own]
+        self.post_norms = [layer.post_attention_layernorm for layer in own]
+        attns = [layer.self_attn for layer in own]
+        mlps = [layer.mlp for layer in own]
         hd = self.head_dim
         self.qkv_proj = [_column_linear(tp, hd, a.q_proj, a.k_proj, a.v_proj) for a in attns]
         self.o_proj = [_row_linear(tp, hd, a.o_proj) for a in attns]
@@ -137,7 +138,7 @@ class _LlamaArch:
         return self.body.embed_tokens(ids)  # [T, hidden]
 
     def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv_proj[i].split(self.layers[i].input_layernorm(h))
+        q, k, v = self.qkv_proj[i].split(self.input_norms[i](h))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -150,7 +151,7 @@ class _LlamaArch:
 
     def finish_layer(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         h = self._add_projected(self.o_proj[i], attn_out, h)
-        x = self.layers[i].post_attention_layernorm(h)
+        x = self.post_norms[i](h)
         gated = self.up_proj[i].mul(x, self.gate_proj[i].silu(x))  # silu(gate(x)) * up(x)
         return self._add_projected(self.down_proj[i], gated, h)
 
@@ -164,6 +165,9 @@ class _LlamaArch:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.body.norm(h)).float()
+
+    def drop_model_layers(self) -> None:
+        self.body.layers = torch.nn.ModuleList()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -180,6 +184,7 @@ class _GPT2Arch:
         self.body: Any = model.transformer
         self.lm_head: Any = model.lm_head
         self.layers: list[Any] = [self.body.h[i] for i in layers]
+        self.num_layers = len(self.layers)
         self.num_heads = cfg.n_head
         self.num_kv_heads = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
@@ -211,6 +216,9 @@ class _GPT2Arch:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.body.ln_f(h)).float()
+
+    def drop_model_layers(self) -> None:
+        self.body.h = torch.nn.ModuleList()
 
 
 _ARCHS: dict[str, type[_LlamaArch] | type[_GPT2Arch]] = {
@@ -271,8 +279,8 @@ class DecoderOnlyExecutor:
         self.arch: _Arch = _ARCHS[model_type](loaded.model, layers, tp)
         shape = (num_slots, self.arch.num_kv_heads, max_len, self.arch.head_dim)
         # [slots, kv_heads, max_len, head_dim] per layer: a row's keys are contiguous in time
-        self.k_cache = [torch.zeros(shape, dtype=loaded.dtype) for _ in self.arch.layers]
-        self.v_cache = [torch.zeros(shape, dtype=loaded.dtype) for _ in self.arch.layers]
+        self.k_cache = [torch.zeros(shape, dtype=loaded.dtype) for _ in range(self.arch.num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=loaded.dtype) for _ in range(self.arch.num_layers)]
         self.max_len = max_len
         self.dtype = loaded.dtype
 
@@ -311,7 +319,7 @@ class DecoderOnlyExecutor:
         n = len(batch.decode_pos)
         rows = torch.arange(n)
         span = batch.mask.shape[-1]
-        for i in range(len(self.arch.layers)):
+        for i in range(self.arch.num_layers):
             q, k, v = self.arch.qkv(i, h)  # q [tokens, heads, hd], k/v [tokens, kv_heads, hd]
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
             parts = []
@@ -349,6 +357,12 @@ class DecoderOnlyExecutor:
             last = torch.tensor(batch.lengths).cumsum(0) - 1
             h = torch.cat([h[last], h[batch.packed :]])
         return self.arch.logits(h)
+
+    def drop_model_layers(self) -> None:
+        """Free the model's layers but this executor's share: it holds what it computes
+        with, so the rest (other stages' layers; with TP, whole weights) goes. Only for a
+        model nothing else uses: a worker's own copy."""
+        self.arch.drop_model_layers()
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         for cache in (*self.k_cache, *self.v_cache):

@@ -82,6 +82,12 @@ class T5Executor:
         batch = self.decode_batch(items, token_ids, context_lens)
         return self.logits(self.decoder_layers(batch, self.decoder_embed(batch)))
 
+    def drop_model_layers(self) -> None:
+        """Free the blocks of other stages (block 0 of each stack stays: it holds the
+        relative position bias). Only for a model nothing else uses: a worker's own copy."""
+        self.encoder.block = torch.nn.ModuleList(self.encoder.block[:1])
+        self.decoder.block = torch.nn.ModuleList(self.decoder.block[:1])
+
     def move_slot(self, src: int, dst: int, length: int) -> None:
         for cache in (*self.self_k, *self.self_v):
             cache[dst, :, :length] = cache[src, :, :length]

@@ -121,6 +121,8 @@ def test_unsupported_layouts_are_refused_before_any_process_starts(load_cached):
         LLMEngine(config("random:t5", num_workers=2, tp_degree=2), load_cached("random:t5"))
     with pytest.raises(ValueError, match="tensor parallelism supports"):
         LLMEngine(config("random:gpt2", num_workers=2, tp_degree=2), load_cached("random:gpt2"))
+    with pytest.raises(ValueError, match="must divide the KV heads"):  # random:llama has 2
+        LLMEngine(config("random:llama", num_workers=4, tp_degree=4), load_cached("random:llama"))
     with pytest.raises(ValueError, match="exceed the model's 2 layers"):
         LLMEngine(config("random:llama", num_workers=3), load_cached("random:llama"))
 
