@@ -53,6 +53,7 @@ class WorkerGroup:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._stage: StageWorker | None = None
         self._moves: list[tuple[int, int, int]] = []
+        self._is_closed = False
         self._start()
 
     @property
@@ -62,6 +63,8 @@ class WorkerGroup:
     def forward(
         self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
     ) -> torch.Tensor:
+        if self._is_closed:
+            raise RuntimeError("the model workers are closed")
         if self._stage is None:
             logger.info("restarting the model workers")
             self._start()
@@ -84,6 +87,7 @@ class WorkerGroup:
         self._moves.append((src, dst, length))
 
     def close(self) -> None:
+        self._is_closed = True
         if self._stage is not None:
             try:
                 broadcast_step(WorkerStep(is_stop=True))
@@ -124,8 +128,7 @@ class WorkerGroup:
             self._leave()
             raise
         logger.info(
-            "%d model workers (pids %s), %d pipeline stages x TP %d",
-            self.spec.num_workers,
+            "model workers ready: this process and pids %s, %d pipeline stages x TP %d",
             self.pids,
             self.layout.num_stages,
             self.layout.tp_degree,
