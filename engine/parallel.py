@@ -107,9 +107,19 @@ class StageWorker(ABC):
     def is_last_stage(self) -> bool:
         return self.stage == self.layout.num_stages - 1
 
-    @abstractmethod
+    @torch.inference_mode()
     def run(self, step: WorkerStep) -> torch.Tensor | None:
         """This rank's part of the step; the logits where this rank is the driver."""
+        for src, dst, length in step.moves:
+            self.executor.move_slot(src, dst, length)
+        items = [EncodeItem(slot, ids) for slot, ids in step.items]
+        return self.forward(items, step.token_ids, step.context_lens)
+
+    @abstractmethod
+    def forward(
+        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+    ) -> torch.Tensor | None:
+        """ModelExecutor.forward's arguments; returns the logits on the driver only."""
 
     def _pipe(
         self,
@@ -165,13 +175,11 @@ class DecoderOnlyStage(StageWorker):
             loaded, num_slots, max_len, layers, tp
         )
 
-    @torch.inference_mode()
-    def run(self, step: WorkerStep) -> torch.Tensor | None:
+    def forward(
+        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+    ) -> torch.Tensor | None:
         ex = self.executor
-        for src, dst, length in step.moves:
-            ex.move_slot(src, dst, length)
-        items = [EncodeItem(slot, ids) for slot, ids in step.items]
-        batch = ex.batch(items, step.token_ids, step.context_lens)
+        batch = ex.batch(items, token_ids, context_lens)
         h = self._pipe(
             lambda: ex.embed(batch),
             lambda h: ex.run_layers(batch, h),
@@ -204,12 +212,10 @@ class T5Stage(StageWorker):
             layout.layers(self.stage, cfg.num_decoder_layers),
         )
 
-    @torch.inference_mode()
-    def run(self, step: WorkerStep) -> torch.Tensor | None:
+    def forward(
+        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+    ) -> torch.Tensor | None:
         ex = self.executor
-        for src, dst, length in step.moves:
-            ex.move_slot(src, dst, length)
-        items = [EncodeItem(slot, ids) for slot, ids in step.items]
         if items:
             packed = sum(len(item.token_ids) for item in items)
             enc = self._pipe(
@@ -222,7 +228,7 @@ class T5Stage(StageWorker):
                 enc = ex.encoder_finish(enc)
             dist.broadcast(enc, src=self.last_rank, group=self.data_group)
             ex.store_cross(items, enc)
-        batch = ex.decode_batch(items, step.token_ids, step.context_lens)
+        batch = ex.decode_batch(items, token_ids, context_lens)
         rows = len(batch.slots)
         h = self._pipe(
             lambda: ex.decoder_embed(batch),

@@ -103,10 +103,10 @@ def _row_linear(tp: TensorSlice | None, unit: int, module: Any) -> FusedLinear:
 
 
 class _LlamaArch:
-    def __init__(self, model: Any, layers: range, tp: TensorSlice | None) -> None:
+    def __init__(self, model: Any, layers: range | None, tp: TensorSlice | None) -> None:
         cfg = model.config  # a transformers LlamaForCausalLM (or alike)
         self.body: Any = model.model
-        own = [self.body.layers[i] for i in layers]
+        own = list(self.body.layers) if layers is None else [self.body.layers[i] for i in layers]
         self.num_layers = len(own)
         self.hidden_size = cfg.hidden_size
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -177,12 +177,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _GPT2Arch:
-    def __init__(self, model: Any, layers: range, tp: TensorSlice | None) -> None:
+    def __init__(self, model: Any, layers: range | None, tp: TensorSlice | None) -> None:
         if tp is not None:
             raise ValueError("tensor parallelism supports the Llama family, not gpt2")
         cfg = model.config  # a transformers GPT2LMHeadModel
         self.body: Any = model.transformer
         self.lm_head: Any = model.lm_head
+        layers = range(len(self.body.h)) if layers is None else layers
         self.layers: list[Any] = [self.body.h[i] for i in layers]
         self.num_layers = len(self.layers)
         self.num_heads = cfg.n_head
@@ -259,7 +260,8 @@ class StepBatch:
 
 
 class DecoderOnlyExecutor:
-    """The forward over `layers` (default: all) and one tensor slice (default: whole)."""
+    """The forward over `layers` (default: all the model has) and one tensor slice
+    (default: whole)."""
 
     def __init__(
         self,
@@ -275,7 +277,6 @@ class DecoderOnlyExecutor:
                 f"unsupported decoder-only architecture {model_type!r} "
                 f"(supported: {', '.join(sorted(_ARCHS))})"
             )
-        layers = range(num_layers(loaded)) if layers is None else layers
         self.arch: _Arch = _ARCHS[model_type](loaded.model, layers, tp)
         shape = (num_slots, self.arch.num_kv_heads, max_len, self.arch.head_dim)
         # [slots, kv_heads, max_len, head_dim] per layer: a row's keys are contiguous in time
