@@ -287,15 +287,19 @@ def weights_fingerprint(loaded: LoadedModel) -> torch.Tensor:
 _step_decoder = msgspec.msgpack.Decoder(WorkerStep)
 
 
-def broadcast_step(step: WorkerStep | None) -> WorkerStep:
-    """The driver's `step` on every rank (workers pass None and wait for it)."""
-    if step is not None:
-        data = torch.frombuffer(bytearray(msgspec.msgpack.encode(step)), dtype=torch.uint8)
-        size = torch.tensor([len(data)])
-    else:
-        size = torch.zeros(1, dtype=torch.long)
+def send_step(step: WorkerStep, timeout_s: float) -> None:
+    """The driver's side of the step broadcast. Gloo's broadcast waits for every receiver,
+    so a hung worker would hold it for the group's idle timeout: the wait is bounded here."""
+    data = torch.frombuffer(bytearray(msgspec.msgpack.encode(step)), dtype=torch.uint8)
+    timeout = timedelta(seconds=timeout_s)
+    for tensor in (torch.tensor([len(data)]), data):
+        dist.broadcast(tensor, src=0, async_op=True).wait(timeout)
+
+
+def receive_step() -> WorkerStep:
+    """A worker's side: wait (for as long as the engine is idle) for the driver's step."""
+    size = torch.zeros(1, dtype=torch.long)
     dist.broadcast(size, src=0)
-    if step is None:
-        data = torch.empty(int(size), dtype=torch.uint8)
+    data = torch.empty(int(size), dtype=torch.uint8)
     dist.broadcast(data, src=0)
-    return step if step is not None else _step_decoder.decode(data.numpy().tobytes())
+    return _step_decoder.decode(data.numpy().tobytes())

@@ -30,12 +30,15 @@ import torch.distributed as dist
 
 from engine.model_loader import LoadedModel, load_model
 from engine.models.base import EncodeItem
-from engine.parallel import Layout, StageWorker, broadcast_step, join_group, make_stage
+from engine.parallel import Layout, StageWorker, join_group, make_stage, receive_step, send_step
 from engine.protocol import WorkerSpec, WorkerStep
 
 logger = logging.getLogger(__name__)
 STARTUP_POLL_S = 0.05
 STOP_WAIT_S = 10.0  # a stopped worker gets this long to leave before it is killed
+# A worker's start (imports, model load) may take minutes on a large model; one that dies
+# meanwhile is seen at once, so this only bounds a worker that hangs while loading.
+LOAD_TIMEOUT_S = 900.0
 
 
 class WorkerFailure(RuntimeError):
@@ -75,7 +78,8 @@ class WorkerGroup:
         self._moves = []
         try:
             self._check_alive()
-            logits = self._stage.run(broadcast_step(step))
+            send_step(step, self.spec.timeout_s)
+            logits = self._stage.run(step)
         except (RuntimeError, dist.DistError) as exc:
             self._fail(str(exc))
             raise WorkerFailure(f"model worker group failed: {exc}") from exc
@@ -90,7 +94,7 @@ class WorkerGroup:
         self._is_closed = True
         if self._stage is not None:
             try:
-                broadcast_step(WorkerStep(is_stop=True))
+                send_step(WorkerStep(is_stop=True), STOP_WAIT_S)
             except (RuntimeError, dist.DistError):
                 logger.warning("a model worker was gone before the stop")
         self._stop_processes(STOP_WAIT_S)
@@ -136,11 +140,11 @@ class WorkerGroup:
 
     def _wait_loaded(self, store: dist.TCPStore) -> None:
         keys = [f"loaded/{rank}" for rank in range(1, self.spec.num_workers)]
-        deadline = time.monotonic() + self.spec.timeout_s
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
         while not store.check(keys):
             self._check_alive()
             if time.monotonic() > deadline:
-                raise WorkerFailure(f"model workers not loaded after {self.spec.timeout_s} s")
+                raise WorkerFailure(f"model workers not loaded after {LOAD_TIMEOUT_S:.0f} s")
             time.sleep(STARTUP_POLL_S)
 
     def _check_alive(self) -> None:
@@ -194,7 +198,7 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
     groups = join_group(loaded, layout, store, rank, spec.timeout_s)
     stage = make_stage(loaded, layout, spec.num_slots, spec.max_len, groups)
     stage.executor.drop_model_layers()  # the model is this process's alone
-    while not (step := broadcast_step(None)).is_stop:
+    while not (step := receive_step()).is_stop:
         stage.run(step)
     dist.destroy_process_group()
 

@@ -114,6 +114,21 @@ def test_a_killed_worker_fails_the_step_and_the_group_restarts(load_cached):
         assert len(engine.workers.pids) == 1
 
 
+def test_a_hung_worker_fails_the_step_after_the_timeout(load_cached):
+    loaded = load_cached("random:llama", "float32")
+    with LLMEngine(config("random:llama", num_workers=2, worker_timeout_s=10), loaded) as engine:
+        assert engine.workers is not None
+        engine.add_request("q", [7] * 10, SamplingParams(max_tokens=20, ignore_eos=True))
+        engine.step()
+        os.kill(engine.workers.pids[0], signal.SIGSTOP)  # alive, but never answers
+        start = time.monotonic()
+        with pytest.raises(WorkerFailure, match="timed out"):
+            while engine.has_unfinished():
+                engine.step()
+        assert 10 <= time.monotonic() - start < 40
+        assert engine.workers.pids == []  # the stopped worker was killed
+
+
 def test_unsupported_layouts_are_refused_before_any_process_starts(load_cached):
     with pytest.raises(ValueError, match="split into tensor-parallel groups"):
         config("random:llama", num_workers=3, tp_degree=2)
