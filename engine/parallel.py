@@ -33,11 +33,24 @@ import torch.distributed as dist
 
 from engine.model_loader import LoadedModel
 from engine.models.base import EncodeItem
-from engine.models.decoder_only import TP_ARCHS, DecoderOnlyExecutor, TensorSlice, num_layers
+from engine.models.decoder_only import (
+    TP_ARCHS,
+    DecoderOnlyExecutor,
+    StepBatch,
+    TensorSlice,
+    num_layers,
+)
 from engine.models.t5 import T5Executor
 from engine.protocol import WorkerStep
 
 IDLE_TIMEOUT = timedelta(days=30)  # a worker waits this long for the next step
+
+
+def split_evenly(total: int, parts: int) -> list[range]:
+    """[0, total) in `parts` contiguous ranges; the first `total % parts` have one more."""
+    base, extra = divmod(total, parts)
+    starts = [p * base + min(p, extra) for p in range(parts + 1)]
+    return [range(starts[p], starts[p + 1]) for p in range(parts)]
 
 
 @dataclass(frozen=True)
@@ -63,9 +76,7 @@ class Layout:
 
     def layers(self, stage: int, total: int) -> range:
         """Contiguous layers of a stage; the first `total % stages` stages take one more."""
-        base, extra = divmod(total, self.num_stages)
-        start = stage * base + min(stage, extra)
-        return range(start, start + base + (stage < extra))
+        return split_evenly(total, self.num_stages)[stage]
 
     def check(self, loaded: LoadedModel) -> None:
         """Raise ValueError with one clear line if `loaded` cannot run on this layout."""
@@ -121,39 +132,59 @@ class StageWorker(ABC):
     ) -> torch.Tensor | None:
         """ModelExecutor.forward's arguments; returns the logits on the driver only."""
 
-    def _pipe(
-        self,
-        first: Callable[[], torch.Tensor],
-        layers: Callable[[torch.Tensor], torch.Tensor],
-        shape: tuple[int, int],
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """Stage 0 computes `first()`, later stages receive the hidden states from the stage
-        before; each applies its `layers` and passes them on. Returns this stage's output
-        (the pass's result on the last stage)."""
+    def _pipe(self, passes: list[Pass], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Micro-batches down the pipeline: stage 0 computes each pass's `first()`, later
+        stages receive it from the stage before; each stage applies its `layers` and sends
+        the result on without waiting, so stage s works on micro-batch c while stage s+1
+        works on c-1. Returns this stage's outputs (the results, on the last stage)."""
         tp = self.layout.tp_degree
-        if self.stage == 0:
-            h = first()
-        else:
-            h = torch.empty(shape, dtype=dtype)
-            dist.recv(h, src=self.rank - tp, group=self.data_group)
-        h = layers(h)
-        if not self.is_last_stage:
-            dist.send(h, dst=self.rank + tp, group=self.data_group)
-        return h
+        sends = []
+        outs = []
+        for p in passes:
+            if self.stage == 0:
+                h = p.first()
+            else:
+                h = torch.empty(p.shape, dtype=dtype)
+                dist.recv(h, src=self.rank - tp, group=self.data_group)
+            h = p.layers(h)
+            if not self.is_last_stage:
+                sends.append(self._isend(h, self.rank + tp))
+            outs.append(h)
+        for send in sends:
+            send.wait()
+        return outs
 
-    def _deliver(self, logits: Callable[[], torch.Tensor], num_rows: int) -> torch.Tensor | None:
-        """The last stage's logits, computed there and received by the driver."""
+    def _isend(self, tensor: torch.Tensor, dst: int) -> dist.Work:
+        work = dist.isend(tensor, dst=dst, group=self.data_group)
+        assert work is not None  # every rank is in the data group
+        return work
+
+    def _deliver(
+        self, logits: list[Callable[[], torch.Tensor]], num_rows: list[int]
+    ) -> list[torch.Tensor] | None:
+        """Each micro-batch's logits, computed by the last stage and received by the driver
+        (None on every other rank)."""
         if self.rank == self.last_rank:
-            out = logits()
+            outs = [compute() for compute in logits]
             if self.rank == 0:
-                return out
-            dist.send(out, dst=0, group=self.data_group)
+                return outs
+            for work in [self._isend(out, 0) for out in outs]:
+                work.wait()
         if self.rank != 0:
             return None
-        out = torch.empty(num_rows, self.vocab_size)  # [rows, vocab] float32
-        dist.recv(out, src=self.last_rank, group=self.data_group)
-        return out
+        outs = [torch.empty(rows, self.vocab_size) for rows in num_rows]  # [rows, vocab] f32
+        for out in outs:
+            dist.recv(out, src=self.last_rank, group=self.data_group)
+        return outs
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One micro-batch's trip down the pipeline (StageWorker._pipe)."""
+
+    first: Callable[[], torch.Tensor]  # stage 0's input
+    layers: Callable[[torch.Tensor], torch.Tensor]  # every stage's own layers
+    shape: tuple[int, int]  # of what a stage receives
 
 
 class DecoderOnlyStage(StageWorker):
@@ -179,14 +210,43 @@ class DecoderOnlyStage(StageWorker):
         self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
     ) -> torch.Tensor | None:
         ex = self.executor
-        batch = ex.batch(items, token_ids, context_lens)
-        h = self._pipe(
-            lambda: ex.embed(batch),
-            lambda h: ex.run_layers(batch, h),
-            (batch.num_tokens, ex.hidden_size),
-            ex.dtype,
-        )  # [packed + n, hidden]
-        return self._deliver(lambda: ex.logits(batch, h), batch.num_logits)
+        parts = self._micro_batches(items, token_ids, context_lens)
+        passes = [
+            Pass(partial(ex.embed, b), partial(ex.run_layers, b), (b.num_tokens, ex.hidden_size))
+            for b in parts
+        ]
+        hs = self._pipe(passes, ex.dtype)  # [packed + n, hidden] each
+        logits = self._deliver(
+            [partial(ex.logits, b, h) for b, h in zip(parts, hs, strict=True)],
+            [b.num_logits for b in parts],
+        )
+        if logits is None:
+            return None
+        # each micro-batch's logits are its queries', then its rows'; the step's are all
+        # the queries', then all the rows'
+        queries = [out[: len(b.items)] for out, b in zip(logits, parts, strict=True)]
+        rows = [out[len(b.items) :] for out, b in zip(logits, parts, strict=True)]
+        return torch.cat(queries + rows)
+
+    def _micro_batches(
+        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+    ) -> list[StepBatch]:
+        """One micro-batch per stage (fewer when the step has fewer queries and rows):
+        contiguous runs of the queries to encode and of the running rows."""
+        parts = self.layout.num_stages
+        ranges = zip(
+            split_evenly(len(items), parts), split_evenly(len(token_ids), parts), strict=True
+        )
+        return [
+            self.executor.batch(
+                items[q.start : q.stop],
+                token_ids[r.start : r.stop],
+                context_lens[r.start : r.stop],
+                first_row=r.start,
+            )
+            for q, r in ranges
+            if len(q) or len(r)
+        ]
 
 
 class T5Stage(StageWorker):
@@ -218,25 +278,26 @@ class T5Stage(StageWorker):
         ex = self.executor
         if items:
             packed = sum(len(item.token_ids) for item in items)
-            enc = self._pipe(
-                lambda: ex.encoder_embed(items),
-                lambda h: ex.encoder_layers(items, h),
+            encode = Pass(
+                partial(ex.encoder_embed, items),
+                partial(ex.encoder_layers, items),
                 (packed, ex.hidden_size),
-                ex.dtype,
-            )  # [packed, d_model]
+            )
+            (enc,) = self._pipe([encode], ex.dtype)  # [packed, d_model]
             if self.is_last_stage:
                 enc = ex.encoder_finish(enc)
             dist.broadcast(enc, src=self.last_rank, group=self.data_group)
             ex.store_cross(items, enc)
         batch = ex.decode_batch(items, token_ids, context_lens)
         rows = len(batch.slots)
-        h = self._pipe(
-            lambda: ex.decoder_embed(batch),
-            lambda h: ex.decoder_layers(batch, h),
+        decode = Pass(
+            partial(ex.decoder_embed, batch),
+            partial(ex.decoder_layers, batch),
             (rows, ex.hidden_size),
-            ex.dtype,
-        )  # [rows, d_model]
-        return self._deliver(lambda: ex.logits(h), rows)
+        )
+        (h,) = self._pipe([decode], ex.dtype)  # [rows, d_model]
+        logits = self._deliver([partial(ex.logits, h)], [rows])
+        return None if logits is None else logits[0]
 
 
 def make_stage(

@@ -245,6 +245,7 @@ class StepBatch:
     positions: torch.Tensor  # [packed + n]
     decode_pos: torch.Tensor  # [n]: each running row's new token's position
     mask: torch.Tensor  # [n, 1, 1, span]: row r sees keys 0..decode_pos[r]
+    first_row: int = 0  # the running rows are cache rows [first_row, first_row + n)
 
     @property
     def packed(self) -> int:
@@ -297,7 +298,9 @@ class DecoderOnlyExecutor:
         return self.logits(batch, self.run_layers(batch, self.embed(batch)))
 
     @staticmethod
-    def batch(items: list[EncodeItem], token_ids: list[int], context_lens: list[int]) -> StepBatch:
+    def batch(
+        items: list[EncodeItem], token_ids: list[int], context_lens: list[int], first_row: int = 0
+    ) -> StepBatch:
         lengths = [len(item.token_ids) for item in items]
         decode_pos = torch.tensor(context_lens, dtype=torch.long)
         span = max(context_lens, default=0) + 1
@@ -308,6 +311,7 @@ class DecoderOnlyExecutor:
             positions=torch.cat([*(torch.arange(length) for length in lengths), decode_pos]),
             decode_pos=decode_pos,
             mask=(torch.arange(span).unsqueeze(0) <= decode_pos.unsqueeze(1))[:, None, None, :],
+            first_row=first_row,
         )
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
@@ -318,7 +322,7 @@ class DecoderOnlyExecutor:
         self.arch.set_positions(batch.positions)
         packed, lengths = batch.packed, batch.lengths
         n = len(batch.decode_pos)
-        rows = torch.arange(n)
+        first, rows = batch.first_row, torch.arange(batch.first_row, batch.first_row + n)
         span = batch.mask.shape[-1]
         for i in range(self.arch.num_layers):
             q, k, v = self.arch.qkv(i, h)  # q [tokens, heads, hd], k/v [tokens, kv_heads, hd]
@@ -342,8 +346,8 @@ class DecoderOnlyExecutor:
                 v_cache[rows, :, batch.decode_pos] = v[packed:]
                 out = scaled_dot_product_attention(
                     q[packed:].unsqueeze(2),  # [n, heads, 1, hd]
-                    k_cache[:n, :, :span],
-                    v_cache[:n, :, :span],
+                    k_cache[first : first + n, :, :span],
+                    v_cache[first : first + n, :, :span],
                     attn_mask=batch.mask,
                     scale=self.arch.attn_scale(i),
                     enable_gqa=True,

@@ -66,8 +66,9 @@ def config(model: str, dtype: str = "float32", **overrides: object) -> EngineCon
     ],
 )
 def test_two_pipeline_stages_match_one_worker(load_cached, model, dtype):
-    """Each stage computes whole layers, in the same order: equal even in bfloat16.
-    T5's stages split the encoder blocks and the decoder blocks."""
+    """Each stage computes whole layers, in the same order, on micro-batches of the step's
+    queries and rows: equal even in bfloat16. T5's stages split the encoder blocks and the
+    decoder blocks."""
     loaded = load_cached(model, dtype)
     queries = workload(seed=1, n=9)
     expected = run_engine(LLMEngine(config(model, dtype), loaded), queries)
@@ -76,7 +77,8 @@ def test_two_pipeline_stages_match_one_worker(load_cached, model, dtype):
         assert run_engine(engine, queries) == expected
 
 
-def test_tensor_parallel_two_matches_one_worker(load_cached):
+@pytest.mark.parametrize("num_workers", [2, 4], ids=["tp2", "2_stages_of_tp2"])
+def test_tensor_parallel_two_matches_one_worker(load_cached, num_workers):
     """TP=2 splits every layer's heads and MLP columns and sums the halves of o_proj and
     down_proj with an all-reduce. In float32 that sum changes no greedy token; in bfloat16
     each half is rounded before the sum (one worker rounds once, after it), which can flip
@@ -84,8 +86,10 @@ def test_tensor_parallel_two_matches_one_worker(load_cached):
     loaded = load_cached("random:llama", "float32")
     queries = workload(seed=2, n=9)
     expected = run_engine(LLMEngine(config("random:llama"), loaded), queries)
-    with LLMEngine(config("random:llama", num_workers=2, tp_degree=2), loaded) as engine:
-        assert engine.workers is not None and engine.workers.layout.num_stages == 1
+    cfg = config("random:llama", num_workers=num_workers, tp_degree=2)
+    with LLMEngine(cfg, loaded) as engine:
+        assert engine.workers is not None
+        assert engine.workers.layout.num_stages == num_workers // 2
         assert run_engine(engine, queries) == expected
 
 
