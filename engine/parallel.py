@@ -10,12 +10,23 @@ slot moves to its own cache, then runs its layers: stage 0 embeds the tokens, a 
 receives the hidden states from the same tensor rank of the stage before, and within a stage
 the tensor slices sum their row-parallel products with an all-reduce. The last stage's
 tensor rank 0 sends the logits to the driver (unless it is the driver). All shapes follow
-from the step's inputs, so plain send/recv of fixed-size tensors is enough. An encoder-
-decoder model (T5, pipeline stages only) makes two passes: the encoder blocks over the new
-queries, whose output every stage needs for its cross-attention, then the decoder step.
+from the step's inputs, so plain send/recv of fixed-size tensors is enough.
 
-The default group only carries the step broadcast, where an idle worker may wait for hours;
-the step's own traffic runs on groups whose timeout bounds the wait on a dead or hung peer.
+A decoder-only step goes down the pipeline as one micro-batch per stage, each a run of the
+step's new queries and of its running rows (attention never mixes rows), with sends that
+do not wait, so the stages compute at once:
+
+    stage 0:  mb0 mb1 mb2
+    stage 1:      mb0 mb1 mb2
+    stage 2:          mb0 mb1 mb2   -> logits of each, reassembled by the driver
+
+An encoder-decoder model (T5, pipeline stages only) makes two passes of one micro-batch:
+the encoder blocks over the new queries, whose output every stage needs for its
+cross-attention, then the decoder step.
+
+The default group carries the step broadcast, where an idle worker may wait for hours (the
+driver bounds its own side of it); the step's traffic runs on groups whose timeout bounds
+the wait on a dead or hung peer.
 """
 
 from __future__ import annotations
