@@ -154,6 +154,8 @@ def build_adaptive_engine(options: p.EngineOptions) -> Adaptation:
         max_model_len=options.max_model_len,
         schedule=controller.current.schedule,
         num_threads=options.num_threads,
+        num_workers=options.num_workers,
+        tp_degree=options.tp_degree,
     )
     engine = LLMEngine(config, model=loaded)
     logger.info(

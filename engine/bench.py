@@ -77,8 +77,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     offline.add_argument("--quick", action="store_true", help="a small knob grid")
     offline.add_argument("--json", type=Path, default=None, help="write records here")
     offline.add_argument(
-        "--num-threads", type=int, default=None, help="torch threads (default: all cores)"
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch threads, shared by the workers (default: all cores)",
     )
+    from gateway.cli import add_worker_arguments
+
+    add_worker_arguments(offline)
     offline.add_argument(
         "--strict-alternation",
         action="store_true",
@@ -146,6 +152,8 @@ def run_offline(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "scale": args.scale,
         "carry_decode": not args.strict_alternation,
+        "num_workers": args.workers,
+        "tp_degree": args.tp,
         "ceiling_gflop_s": ceiling / 1e9,
         "tasks": {},
     }
@@ -162,6 +170,8 @@ def run_offline(args: argparse.Namespace) -> int:
             grid,
             num_threads=args.num_threads,
             carry_decode=not args.strict_alternation,
+            num_workers=args.workers,
+            tp_degree=args.tp,
         )
         bounds = latency_bounds(task_runs)
         names = [("hf_generate" if p == "hf" else p) for p in policies]
@@ -200,12 +210,21 @@ def _profile_policies(
     if not best:
         return {}
     max_batch = max(_batch_of(k) for k in best.values())
-    engine = make_engine(loaded, queries, max_batch, None, not args.strict_alternation)
+    engine = make_engine(
+        loaded,
+        queries,
+        max_batch,
+        args.num_threads,
+        not args.strict_alternation,
+        num_workers=args.workers,
+        tp_degree=args.tp,
+    )
     profiles = {}
-    for policy, knobs in best.items():
-        result = profile_run(engine, policy, knobs, prompts, queries, args.profile_steps)
-        print_step_profile(policy, knobs, result)
-        profiles[policy] = {"knobs": knobs, **result.as_dict()}
+    with engine:
+        for policy, knobs in best.items():
+            result = profile_run(engine, policy, knobs, prompts, queries, args.profile_steps)
+            print_step_profile(policy, knobs, result)
+            profiles[policy] = {"knobs": knobs, **result.as_dict()}
     return profiles
 
 
@@ -224,6 +243,8 @@ def sweep(
     num_threads: int | None = None,
     carry_decode: bool = True,
     progress: bool = True,
+    num_workers: int = 1,
+    tp_degree: int = 1,
 ) -> list[RunResult]:
     """Every knob setting of every chosen policy, plus static's bound-setting batch sizes."""
     plan = [(p, k) for p in ENGINE_POLICIES if p in policies for k in knob_settings(p, grid)]
@@ -231,25 +252,29 @@ def sweep(
         plan = [("static", k) for k in knob_settings("static", QUICK_GRID)] + plan
     if "hf" in policies:
         plan += [("hf", {"batch_size": b}) for b in grid.static]
-    engine = make_engine(loaded, queries, grid.max_batch, num_threads, carry_decode)
-    warm_up(engine, loaded, task, queries, prompts, hf="hf" in policies)
+    engine = make_engine(
+        loaded, queries, grid.max_batch, num_threads, carry_decode, num_workers, tp_degree
+    )
     results = []
-    for number, (policy, knobs) in enumerate(
-        tqdm(plan, desc=f"bench {task}", disable=not progress)
-    ):
-        if policy == "hf":
-            result = run_hf_static(loaded, task, knobs["batch_size"], queries, prompts)
-        else:
-            result = run_engine(engine, task, policy, knobs, queries, prompts, f"{task}-{number}")
-        logger.info(
-            "%s %s %s: %.3f req/s, p99 %.2f s",
-            task,
-            result.policy,
-            result.knobs,
-            result.throughput_req_s,
-            result.latency_percentile_s(99),
-        )
-        results.append(result)
+    with engine:
+        warm_up(engine, loaded, task, queries, prompts, hf="hf" in policies)
+        for number, (policy, knobs) in enumerate(
+            tqdm(plan, desc=f"bench {task}", disable=not progress)
+        ):
+            if policy == "hf":
+                result = run_hf_static(loaded, task, knobs["batch_size"], queries, prompts)
+            else:
+                run_id = f"{task}-{number}"
+                result = run_engine(engine, task, policy, knobs, queries, prompts, run_id)
+            logger.info(
+                "%s %s %s: %.3f req/s, p99 %.2f s",
+                task,
+                result.policy,
+                result.knobs,
+                result.throughput_req_s,
+                result.latency_percentile_s(99),
+            )
+            results.append(result)
     return results
 
 

@@ -190,8 +190,11 @@ def make_engine(
     max_batch: int,
     num_threads: int | None = None,
     carry_decode: bool = True,
+    num_workers: int = 1,
+    tp_degree: int = 1,
 ) -> LLMEngine:
-    """One engine per workload, reused by every run (only its schedule changes)."""
+    """One engine per workload, reused by every run (only its schedule changes); the
+    caller closes it (it may hold worker processes)."""
     config = EngineConfig(
         model=loaded.name,
         dtype=str(loaded.dtype).removeprefix("torch."),
@@ -200,6 +203,8 @@ def make_engine(
         detokenize=False,  # the bench counts tokens; text would only add CPU time
         num_threads=num_threads,  # global: HF generate later runs with the same count
         carry_decode=carry_decode,
+        num_workers=num_workers,
+        tp_degree=tp_degree,
     )
     return LLMEngine(config, model=loaded)
 

@@ -16,11 +16,14 @@ import torch
 from adaptive.schedule import Policy, Schedule
 from engine.detokenizer import DetokenizerState, next_text
 from engine.model_loader import LoadedModel, load_model
-from engine.models import build_executor
+from engine.models import ModelExecutor, build_executor
+from engine.parallel import Layout
+from engine.protocol import WorkerSpec
 from engine.request import Request
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Phase, Scheduler, StepPlan
+from engine.workers import WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +39,15 @@ class EngineConfig:
     max_num_seqs: int = 64  # KV rows = the largest running batch
     max_model_len: int = 2048  # prompt + output tokens per query (capped by the model's)
     schedule: Schedule = field(default_factory=default_schedule)
-    num_threads: int | None = None  # torch intra-op threads; None = all cores
+    num_threads: int | None = None  # torch threads, shared by the workers; None = all cores
     detokenize: bool = True  # benchmarks that only count tokens can skip text
     # encoding phases carry the running batch's decoding iteration (Scheduler.carry_decode)
     carry_decode: bool = True
+    # model worker processes (engine/workers.py): num_workers / tp_degree pipeline stages of
+    # tp_degree tensor slices each; 1 worker runs the model in this process
+    num_workers: int = 1
+    tp_degree: int = 1
+    worker_timeout_s: float = 300.0  # longest wait on another worker within a step
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -48,6 +56,13 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        Layout(self.num_workers, self.tp_degree)  # raises on a layout that cannot be built
+        if self.worker_timeout_s <= 0:
+            raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+
+    @property
+    def threads_per_worker(self) -> int:
+        return max(1, (self.num_threads or os.cpu_count() or 1) // self.num_workers)
 
 
 @dataclass(frozen=True)
@@ -118,10 +133,25 @@ class StepTiming:
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: LoadedModel | None = None) -> None:
         self.config = config
-        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        torch.set_num_threads(config.threads_per_worker)
         self.model = model or load_model(config.model, config.dtype)
         self.max_model_len = min(config.max_model_len, self.model.max_model_len)
-        executor = build_executor(self.model, config.max_num_seqs, self.max_model_len)
+        self.workers: WorkerGroup | None = None
+        executor: ModelExecutor
+        if config.num_workers > 1:
+            spec = WorkerSpec(
+                model=self.model.name,
+                dtype=str(self.model.dtype).removeprefix("torch."),
+                num_slots=config.max_num_seqs,
+                max_len=self.max_model_len,
+                num_workers=config.num_workers,
+                tp_degree=config.tp_degree,
+                num_threads=config.threads_per_worker,
+                timeout_s=config.worker_timeout_s,
+            )
+            executor = self.workers = WorkerGroup(self.model, spec)
+        else:
+            executor = build_executor(self.model, config.max_num_seqs, self.max_model_len)
         self.runner = ModelRunner(executor, self.model.is_encoder_decoder)
         self.scheduler = Scheduler(
             config.schedule,
@@ -133,6 +163,17 @@ class LLMEngine:
         self._aborted: list[Request] = []
         self.counters = StepCounters()
         self.last_step: StepTiming | None = None
+
+    def close(self) -> None:
+        """Stop the model workers, if any (the engine cannot step afterwards)."""
+        if self.workers is not None:
+            self.workers.close()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         total = len(prompt_ids) + params.max_tokens

@@ -269,6 +269,7 @@ def serve(sock: socket.socket, options: p.EngineOptions) -> int:
         EngineLoop(adaptation, conn, options).run()
     finally:
         adaptation.close()
+        engine.close()
     return 0
 
 
@@ -285,16 +286,16 @@ def run_baseline(options: p.EngineOptions, workload: BaselineWorkload) -> dict[s
 
     adaptation = build_adaptive_engine(options)
     adaptation.close()  # the baseline runs the first schedule, unadapted
-    engine = adaptation.engine
     params = SamplingParams(max_tokens=workload.max_tokens, ignore_eos=True)
-    for name in ("warmup", "timed"):  # the untimed round meets every batch shape first
-        start = time.monotonic()
-        for i in range(workload.num_requests):
-            engine.add_request(f"{name}-{i}", workload.prompt_ids, params)
-        num_tokens = 0
-        while engine.has_unfinished():
-            num_tokens += sum(len(o.new_token_ids) for o in engine.step())
-        seconds = time.monotonic() - start
+    with adaptation.engine as engine:
+        for name in ("warmup", "timed"):  # the untimed round meets every batch shape first
+            start = time.monotonic()
+            for i in range(workload.num_requests):
+                engine.add_request(f"{name}-{i}", workload.prompt_ids, params)
+            num_tokens = 0
+            while engine.has_unfinished():
+                num_tokens += sum(len(o.new_token_ids) for o in engine.step())
+            seconds = time.monotonic() - start
     return {"tokens": num_tokens, "seconds": seconds, "tokens_per_s": num_tokens / seconds}
 
 

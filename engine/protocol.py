@@ -12,6 +12,10 @@ deltas that step made), so the per-token cost of the boundary is amortised over 
     engine -> gateway: Ready, Accepted, TokenDelta, Finished, Error, SloApplied, Stats
 
 Every Submit ends with exactly one terminal message for its request id: Finished or Error.
+
+The engine's driver and its model workers (engine/workers.py) speak through torch.distributed
+instead: a WorkerSpec on each worker's command line, then one msgpack-encoded WorkerStep per
+step, broadcast as a byte tensor.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class EngineOptions(msgspec.Struct, frozen=True):
     num_threads: int | None = None
     profile: str = "full"  # "full" | "quick" (cached per model and device) or a profile file
     adapt: bool = True  # False: the schedule is solved once at start and kept
+    num_workers: int = 1  # model worker processes (engine/workers.py); 1: in-process
+    tp_degree: int = 1  # tensor-parallel degree; pipeline stages = num_workers / tp_degree
 
 
 # --- gateway -> engine ------------------------------------------------------------------
@@ -187,6 +193,33 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     schedule: ScheduleInfo
     active_schedule: ScheduleInfo
     adaptation: AdaptationInfo | None = None
+
+
+# --- engine driver -> model workers -----------------------------------------------------
+
+
+class WorkerSpec(msgspec.Struct, frozen=True):
+    """What a model worker loads and which part it computes (its rank comes from $RANK)."""
+
+    model: str
+    dtype: str
+    num_slots: int
+    max_len: int
+    num_workers: int
+    tp_degree: int
+    num_threads: int
+    timeout_s: float  # longest wait on a peer inside a step
+
+
+class WorkerStep(msgspec.Struct, frozen=True, array_like=True):
+    """One forward for every worker: ModelExecutor.forward's arguments, after the slot
+    moves queued since the last step. `is_stop`: leave the group and exit."""
+
+    items: list[tuple[int, list[int]]] = []  # (slot, prompt ids) of each query to encode
+    token_ids: list[int] = []
+    context_lens: list[int] = []
+    moves: list[tuple[int, int, int]] = []  # (src, dst, length), applied in order first
+    is_stop: bool = False
 
 
 ToEngine = Submit | Abort | SetSlo | StatsRequest | Shutdown

@@ -40,6 +40,8 @@ def engine_options(config: GatewayConfig) -> p.EngineOptions:
         num_threads=config.engine_threads,
         profile=config.profile,
         adapt=config.adapt,
+        num_workers=config.num_workers,
+        tp_degree=config.tp_degree,
     )
 
 

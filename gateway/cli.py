@@ -72,8 +72,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-threads",
         type=int,
         default=None,
-        help="engine torch threads (default: all cores; all but one from 4 cores up)",
+        help="engine torch threads, shared by the workers (default: all cores; all but one "
+        "from 4 cores up)",
     )
+    add_worker_arguments(parser)
     parser.add_argument(
         "--mqtt",
         default="embedded",
@@ -96,6 +98,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workers and --tp: shared by `exegpt serve` and `exegpt bench offline`."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="model worker processes in one torch.distributed group; each runs "
+        "a pipeline stage or a tensor slice of one (default 1: no extra process)",
+    )
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel degree within a stage; pipeline stages = workers / tp",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         model=args.model,
@@ -112,6 +131,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_tokens_limit=args.max_tokens_limit,
         max_body_bytes=args.max_body_bytes,
         num_threads=args.num_threads,
+        num_workers=args.workers,
+        tp_degree=args.tp,
         mqtt=args.mqtt,
         mqtt_port=args.mqtt_port,
         mqtt_request_topic=args.mqtt_topic,

@@ -30,6 +30,9 @@ class GatewayConfig:
     max_num_seqs: int = 64
     max_model_len: int = 2048
     num_threads: int | None = None  # engine torch threads; None: see engine_threads
+    # model worker processes; pipeline stages = num_workers / tp_degree (engine/workers.py)
+    num_workers: int = 1
+    tp_degree: int = 1
     # The planner's profile: "full" or "quick" grid, measured once per model and device and
     # cached, or a file made by `exegpt profile`. adapt False: solved once at start, kept.
     profile: str = "full"
@@ -60,6 +63,8 @@ class GatewayConfig:
             "max_body_bytes": self.max_body_bytes >= 1024,
             "engine_start_timeout_s": self.engine_start_timeout_s > 0,
             "num_threads": self.num_threads is None or self.num_threads >= 1,
+            "num_workers": self.num_workers >= 1,
+            "tp_degree": self.tp_degree >= 1,
         }
         for name, ok in checks.items():
             if not ok:

@@ -5,11 +5,23 @@ MLP, rotary tables); attention and the cache are ours, so that a batch can mix q
 different lengths: prompts are packed without padding, and a decode iteration attends each
 row over its own context only (keys past a row's length are masked, never computed into
 its output).
+
+A worker of a multi-worker engine (engine/parallel.py) runs a slice of this forward: a
+contiguous range of the layers (a pipeline stage) and, within each layer, a share of the
+attention heads and MLP columns (tensor parallelism, Llama family only):
+
+    q/k/v, gate, up: column-parallel   each worker computes its heads / columns
+    o_proj, down:    row-parallel      partial products, summed by an all-reduce
+
+KV heads are split with their query heads, so every GQA group stays on one worker and a
+worker's cache holds its own heads only.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -20,13 +32,39 @@ from engine.models.base import EncodeItem, causal_prefill_attention
 from engine.models.linear import FusedLinear
 
 
-class _Arch(Protocol):
-    """One architecture's pieces around attention; the executor owns attention and cache."""
+@dataclass(frozen=True)
+class TensorSlice:
+    """One worker's share of every layer: heads and MLP columns `rank` of `size`.
 
-    layers: list[Any]
+    `all_reduce` sums a tensor in place over the workers of the slice's group."""
+
+    rank: int
+    size: int
+    all_reduce: Callable[[torch.Tensor], None]
+
+    def rows(self, weight: torch.Tensor, unit: int = 1) -> torch.Tensor:
+        """A copy of this worker's block of output rows, in whole units (a head is head_dim
+        rows); a copy, so that the whole weight can be freed."""
+        part = weight.shape[0] // unit // self.size * unit
+        return weight[self.rank * part : (self.rank + 1) * part].clone()
+
+    def columns(self, weight: torch.Tensor, unit: int = 1) -> torch.Tensor:
+        part = weight.shape[1] // unit // self.size * unit
+        return weight[:, self.rank * part : (self.rank + 1) * part].contiguous()
+
+
+class _Arch(Protocol):
+    """One architecture's pieces around attention; the executor owns attention and cache.
+
+    Layers are this worker's only, indexed from 0; heads are this worker's."""
+
+    num_layers: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    hidden_size: int
+
+    def set_positions(self, positions: torch.Tensor) -> None: ...
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
@@ -38,39 +76,69 @@ class _Arch(Protocol):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor: ...
 
+    def drop_model_layers(self) -> None: ...
+
 
 def _linear(*modules: Any) -> FusedLinear:
     return FusedLinear([m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
 
 
+def _column_linear(tp: TensorSlice | None, unit: int, *modules: Any) -> FusedLinear:
+    """Fused output rows of `modules`, each cut to this worker's share (whole `unit`s)."""
+    if tp is None:
+        return _linear(*modules)
+    biases = [getattr(m, "bias", None) for m in modules]
+    return FusedLinear(
+        [tp.rows(m.weight, unit) for m in modules],
+        [None if b is None else tp.rows(b.unsqueeze(1), unit)[:, 0] for b in biases],
+    )
+
+
+def _row_linear(tp: TensorSlice | None, unit: int, module: Any) -> FusedLinear:
+    """This worker's input columns of `module`; its bias is added once, by worker 0."""
+    if tp is None:
+        return _linear(module)
+    bias = getattr(module, "bias", None)
+    return FusedLinear([tp.columns(module.weight, unit)], [bias if tp.rank == 0 else None])
+
+
 class _LlamaArch:
-    def __init__(self, model: Any) -> None:  # a transformers LlamaForCausalLM (or alike)
-        cfg = model.config
+    def __init__(self, model: Any, layers: range | None, tp: TensorSlice | None) -> None:
+        cfg = model.config  # a transformers LlamaForCausalLM (or alike)
         self.body: Any = model.model
-        self.layers: list[Any] = list(self.body.layers)
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
-        attns = [layer.self_attn for layer in self.layers]
-        mlps = [layer.mlp for layer in self.layers]
-        self.qkv_proj = [_linear(a.q_proj, a.k_proj, a.v_proj) for a in attns]
-        self.o_proj = [_linear(a.o_proj) for a in attns]
+        own = list(self.body.layers) if layers is None else [self.body.layers[i] for i in layers]
+        self.num_layers = len(own)
+        self.hidden_size = cfg.hidden_size
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        size = 1 if tp is None else tp.size  # dividing the KV heads: Layout.check
+        self.num_heads = cfg.num_attention_heads // size
+        self.num_kv_heads = cfg.num_key_value_heads // size
+        self.tp = tp
+        self.input_norms = [layer.input_layernorm for layer in own]
+        self.post_norms = [layer.post_attention_layernorm for layer in own]
+        attns = [layer.self_attn for layer in own]
+        mlps = [layer.mlp for layer in own]
+        hd = self.head_dim
+        self.qkv_proj = [_column_linear(tp, hd, a.q_proj, a.k_proj, a.v_proj) for a in attns]
+        self.o_proj = [_row_linear(tp, hd, a.o_proj) for a in attns]
         if cfg.hidden_act not in ("silu", "swish"):
             raise ValueError(f"unsupported MLP activation {cfg.hidden_act!r} (expected silu)")
-        self.gate_proj = [_linear(m.gate_proj) for m in mlps]
-        self.up_proj = [_linear(m.up_proj) for m in mlps]
-        self.down_proj = [_linear(m.down_proj) for m in mlps]
+        self.gate_proj = [_column_linear(tp, 1, m.gate_proj) for m in mlps]
+        self.up_proj = [_column_linear(tp, 1, m.up_proj) for m in mlps]
+        self.down_proj = [_row_linear(tp, 1, m.down_proj) for m in mlps]
         self.lm_head = _linear(model.lm_head)
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.body.embed_tokens(ids)  # [T, hidden]
-        cos, sin = self.body.rotary_emb(h, positions.unsqueeze(0))  # [1, T, head_dim]
+    def set_positions(self, positions: torch.Tensor) -> None:
+        dtype = self.body.embed_tokens.weight.dtype  # rotary_emb reads only x's dtype
+        cos, sin = self.body.rotary_emb(torch.empty(0, dtype=dtype), positions.unsqueeze(0))
         self.rope = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # [T, 1, head_dim]
-        return h
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.body.embed_tokens(ids)  # [T, hidden]
 
     def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv_proj[i].split(self.layers[i].input_layernorm(h))
+        q, k, v = self.qkv_proj[i].split(self.input_norms[i](h))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -82,13 +150,24 @@ class _LlamaArch:
         return None
 
     def finish_layer(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        h = self.o_proj[i].add(attn_out, h)
-        x = self.layers[i].post_attention_layernorm(h)
+        h = self._add_projected(self.o_proj[i], attn_out, h)
+        x = self.post_norms[i](h)
         gated = self.up_proj[i].mul(x, self.gate_proj[i].silu(x))  # silu(gate(x)) * up(x)
-        return self.down_proj[i].add(gated, h)
+        return self._add_projected(self.down_proj[i], gated, h)
+
+    def _add_projected(self, proj: FusedLinear, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """h + proj(x); a row-parallel projection's partial products are summed first."""
+        if self.tp is None:
+            return proj.add(x, h)
+        out = proj(x)
+        self.tp.all_reduce(out)
+        return h + out
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.body.norm(h)).float()
+
+    def drop_model_layers(self) -> None:
+        self.body.layers = torch.nn.ModuleList()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -98,27 +177,33 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _GPT2Arch:
-    def __init__(self, model: Any) -> None:  # a transformers GPT2LMHeadModel
-        cfg = model.config
+    def __init__(self, model: Any, layers: range | None, tp: TensorSlice | None) -> None:
+        if tp is not None:
+            raise ValueError("tensor parallelism supports the Llama family, not gpt2")
+        cfg = model.config  # a transformers GPT2LMHeadModel
         self.body: Any = model.transformer
         self.lm_head: Any = model.lm_head
-        self.layers: list[Any] = list(self.body.h)
+        layers = range(len(self.body.h)) if layers is None else layers
+        self.layers: list[Any] = [self.body.h[i] for i in layers]
+        self.num_layers = len(self.layers)
         self.num_heads = cfg.n_head
         self.num_kv_heads = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
-        self.hidden = cfg.n_embd
+        self.hidden_size = cfg.n_embd
         base = 1 / math.sqrt(self.head_dim) if cfg.scale_attn_weights else 1.0
         self.scales = [
-            base / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else base
-            for i in range(len(self.layers))
+            base / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else base for i in layers
         ]
+
+    def set_positions(self, positions: torch.Tensor) -> None:
+        """GPT-2's positions enter through the embedding only."""
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.body.wte(ids) + self.body.wpe(positions)
 
     def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         layer = self.layers[i]
-        q, k, v = layer.attn.c_attn(layer.ln_1(h)).split(self.hidden, dim=-1)
+        q, k, v = layer.attn.c_attn(layer.ln_1(h)).split(self.hidden_size, dim=-1)
         shape = (-1, self.num_heads, self.head_dim)
         return q.view(shape), k.view(shape), v.view(shape)
 
@@ -133,6 +218,9 @@ class _GPT2Arch:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.body.ln_f(h)).float()
 
+    def drop_model_layers(self) -> None:
+        self.body.h = torch.nn.ModuleList()
+
 
 _ARCHS: dict[str, type[_LlamaArch] | type[_GPT2Arch]] = {
     "llama": _LlamaArch,
@@ -140,45 +228,109 @@ _ARCHS: dict[str, type[_LlamaArch] | type[_GPT2Arch]] = {
     "qwen2": _LlamaArch,
     "gpt2": _GPT2Arch,
 }
+TP_ARCHS = frozenset(name for name, arch in _ARCHS.items() if arch is _LlamaArch)
+
+
+def num_layers(loaded: LoadedModel) -> int:
+    return int(loaded.model.config.num_hidden_layers)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One forward's inputs as tensors, the same on every worker (positions, masks)."""
+
+    items: list[EncodeItem]
+    lengths: list[int]  # prompt length of each item
+    ids: torch.Tensor  # [packed + n]: prompt tokens first, then one token per running row
+    positions: torch.Tensor  # [packed + n]
+    decode_pos: torch.Tensor  # [n]: each running row's new token's position
+    mask: torch.Tensor  # [n, 1, 1, span]: row r sees keys 0..decode_pos[r]
+    first_row: int = 0  # the running rows are cache rows [first_row, first_row + n)
+
+    @property
+    def packed(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_logits(self) -> int:
+        return len(self.items) + len(self.decode_pos)
 
 
 class DecoderOnlyExecutor:
-    def __init__(self, loaded: LoadedModel, num_slots: int, max_len: int) -> None:
+    """The forward over `layers` (default: all the model has) and one tensor slice
+    (default: whole)."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        num_slots: int,
+        max_len: int,
+        layers: range | None = None,
+        tp: TensorSlice | None = None,
+    ) -> None:
         model_type = loaded.model.config.model_type
         if model_type not in _ARCHS:
             raise ValueError(
                 f"unsupported decoder-only architecture {model_type!r} "
                 f"(supported: {', '.join(sorted(_ARCHS))})"
             )
-        self.arch: _Arch = _ARCHS[model_type](loaded.model)
+        self.arch: _Arch = _ARCHS[model_type](loaded.model, layers, tp)
         shape = (num_slots, self.arch.num_kv_heads, max_len, self.arch.head_dim)
         # [slots, kv_heads, max_len, head_dim] per layer: a row's keys are contiguous in time
-        self.k_cache = [torch.zeros(shape, dtype=loaded.dtype) for _ in self.arch.layers]
-        self.v_cache = [torch.zeros(shape, dtype=loaded.dtype) for _ in self.arch.layers]
+        self.k_cache = [torch.zeros(shape, dtype=loaded.dtype) for _ in range(self.arch.num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=loaded.dtype) for _ in range(self.arch.num_layers)]
         self.max_len = max_len
+        self.dtype = loaded.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.arch.hidden_size
 
     @torch.inference_mode()
     def forward(
         self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
     ) -> torch.Tensor:
+        batch = self.batch(items, token_ids, context_lens)
+        return self.logits(batch, self.run_layers(batch, self.embed(batch)))
+
+    @staticmethod
+    def batch(
+        items: list[EncodeItem], token_ids: list[int], context_lens: list[int], first_row: int = 0
+    ) -> StepBatch:
         lengths = [len(item.token_ids) for item in items]
-        packed = sum(lengths)  # prompt tokens first, then one token per running row
-        n = len(token_ids)
-        ids = torch.tensor([t for item in items for t in item.token_ids] + token_ids)
-        decode_pos = torch.tensor(context_lens, dtype=torch.long)  # each new token's position
-        positions = torch.cat([*(torch.arange(length) for length in lengths), decode_pos])
-        rows = torch.arange(n)
+        decode_pos = torch.tensor(context_lens, dtype=torch.long)
         span = max(context_lens, default=0) + 1
-        # [n, 1, 1, span]: row r sees keys 0..context_lens[r] (its cache plus the new token)
-        mask = (torch.arange(span).unsqueeze(0) <= decode_pos.unsqueeze(1))[:, None, None, :]
-        h = self.arch.embed(ids, positions)  # [packed + n, hidden]
-        for i in range(len(self.arch.layers)):
+        return StepBatch(
+            items=items,
+            lengths=lengths,
+            ids=torch.tensor([t for item in items for t in item.token_ids] + token_ids),
+            positions=torch.cat([*(torch.arange(length) for length in lengths), decode_pos]),
+            decode_pos=decode_pos,
+            mask=(torch.arange(span).unsqueeze(0) <= decode_pos.unsqueeze(1))[:, None, None, :],
+            first_row=first_row,
+        )
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:
+        return self.arch.embed(batch.ids, batch.positions)  # [packed + n, hidden]
+
+    def run_layers(self, batch: StepBatch, h: torch.Tensor) -> torch.Tensor:
+        """This executor's layers over h [packed + n, hidden], caching their keys and values."""
+        self.arch.set_positions(batch.positions)
+        packed, lengths = batch.packed, batch.lengths
+        n = len(batch.decode_pos)
+        first, rows = batch.first_row, torch.arange(batch.first_row, batch.first_row + n)
+        span = batch.mask.shape[-1]
+        for i in range(self.arch.num_layers):
             q, k, v = self.arch.qkv(i, h)  # q [tokens, heads, hd], k/v [tokens, kv_heads, hd]
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
             parts = []
-            if items:
+            if batch.items:
                 start = 0
-                for item, length in zip(items, lengths, strict=True):
+                for item, length in zip(batch.items, lengths, strict=True):
                     end = start + length
                     k_cache[item.slot, :, :length] = k[start:end].transpose(0, 1)
                     v_cache[item.slot, :, :length] = v[start:end].transpose(0, 1)
@@ -190,22 +342,32 @@ class DecoderOnlyExecutor:
                     ).flatten(1)
                 )
             if n:
-                k_cache[rows, :, decode_pos] = k[packed:]
-                v_cache[rows, :, decode_pos] = v[packed:]
+                k_cache[rows, :, batch.decode_pos] = k[packed:]
+                v_cache[rows, :, batch.decode_pos] = v[packed:]
                 out = scaled_dot_product_attention(
                     q[packed:].unsqueeze(2),  # [n, heads, 1, hd]
-                    k_cache[:n, :, :span],
-                    v_cache[:n, :, :span],
-                    attn_mask=mask,
+                    k_cache[first : first + n, :, :span],
+                    v_cache[first : first + n, :, :span],
+                    attn_mask=batch.mask,
                     scale=self.arch.attn_scale(i),
                     enable_gqa=True,
                 )
                 parts.append(out.flatten(1))
             h = self.arch.finish_layer(i, h, parts[0] if len(parts) == 1 else torch.cat(parts))
-        if items:  # an item's logits come from its last prompt token
-            last = torch.tensor(lengths).cumsum(0) - 1
-            h = torch.cat([h[last], h[packed:]])
+        return h
+
+    def logits(self, batch: StepBatch, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [items + n, vocab]; an item's come from its last prompt token."""
+        if batch.items:
+            last = torch.tensor(batch.lengths).cumsum(0) - 1
+            h = torch.cat([h[last], h[batch.packed :]])
         return self.arch.logits(h)
+
+    def drop_model_layers(self) -> None:
+        """Free the model's layers but this executor's share: it holds what it computes
+        with, so the rest (other stages' layers; with TP, whole weights) goes. Only for a
+        model nothing else uses: a worker's own copy."""
+        self.arch.drop_model_layers()
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         for cache in (*self.k_cache, *self.v_cache):

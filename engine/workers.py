@@ -1,0 +1,223 @@
+"""Model workers: N-1 processes beside the engine's, one torch.distributed group of N.
+
+The engine's process is the driver, rank 0: `WorkerGroup` is its ModelExecutor, so the
+scheduler and runner do not know the model is spread out. It starts the other ranks as
+`python -m engine.workers` with torchrun's environment (MASTER_ADDR, MASTER_PORT, RANK,
+WORLD_SIZE), hosting the rendezvous store itself on a free local port. Each worker loads
+the model on its own, says so through the store, and joins the group; the driver waits for
+them while watching that none has exited, then checks that all loaded the same weights.
+
+A worker that dies fails the step that needs it: its exit is seen before the step starts,
+or a collective with it errors (its sockets close) or times out. The group is then torn
+down, the step raises WorkerFailure (the engine process fails every in-flight request with
+an error event), and the next step starts a fresh group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import msgspec
+import torch
+import torch.distributed as dist
+
+from engine.model_loader import LoadedModel, load_model
+from engine.models.base import EncodeItem
+from engine.parallel import Layout, StageWorker, join_group, make_stage, receive_step, send_step
+from engine.protocol import WorkerSpec, WorkerStep
+
+logger = logging.getLogger(__name__)
+STARTUP_POLL_S = 0.05
+STOP_WAIT_S = 10.0  # a stopped worker gets this long to leave before it is killed
+# A worker's start (imports, model load) may take minutes on a large model; one that dies
+# meanwhile is seen at once, so this only bounds a worker that hangs while loading.
+LOAD_TIMEOUT_S = 900.0
+
+
+class WorkerFailure(RuntimeError):
+    """A worker died or a step's collective failed; the group is gone."""
+
+
+class WorkerGroup:
+    """The driver's ModelExecutor over a group of `spec.num_workers` ranks."""
+
+    def __init__(self, loaded: LoadedModel, spec: WorkerSpec) -> None:
+        self.loaded = loaded
+        self.spec = spec
+        self.layout = Layout(spec.num_workers, spec.tp_degree)
+        self.layout.check(loaded)
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._stage: StageWorker | None = None
+        self._moves: list[tuple[int, int, int]] = []
+        self._is_closed = False
+        self._start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs]
+
+    def forward(
+        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+    ) -> torch.Tensor:
+        if self._is_closed:
+            raise RuntimeError("the model workers are closed")
+        if self._stage is None:
+            logger.info("restarting the model workers")
+            self._start()
+        assert self._stage is not None
+        step = WorkerStep(
+            [(item.slot, item.token_ids) for item in items], token_ids, context_lens, self._moves
+        )
+        self._moves = []
+        try:
+            self._check_alive()
+            send_step(step, self.spec.timeout_s)
+            logits = self._stage.run(step)
+        except (RuntimeError, dist.DistError) as exc:
+            self._fail(str(exc))
+            raise WorkerFailure(f"model worker group failed: {exc}") from exc
+        assert logits is not None  # the driver always receives them
+        return logits
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Queued: every rank applies it before the next step's forward."""
+        self._moves.append((src, dst, length))
+
+    def close(self) -> None:
+        self._is_closed = True
+        if self._stage is not None:
+            try:
+                send_step(WorkerStep(is_stop=True), STOP_WAIT_S)
+            except (RuntimeError, dist.DistError):
+                logger.warning("a model worker was gone before the stop")
+        self._stop_processes(STOP_WAIT_S)
+        self._leave()
+
+    def _start(self) -> None:
+        if dist.is_initialized():
+            raise RuntimeError("this process already drives a model worker group")
+        port = _free_port()
+        store = dist.TCPStore(
+            "127.0.0.1",
+            port,
+            self.spec.num_workers,
+            is_master=True,
+            timeout=timedelta(seconds=self.spec.timeout_s),
+            wait_for_workers=False,
+        )
+        env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env["WORLD_SIZE"] = str(self.spec.num_workers)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the ranks share the machine's cores
+        command = [sys.executable, "-m", "engine.workers", "--spec"]
+        command.append(msgspec.json.encode(self.spec).decode())
+        self._procs = [
+            subprocess.Popen(command, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)})
+            for r in range(1, self.spec.num_workers)
+        ]
+        try:
+            self._wait_loaded(store)
+            groups = join_group(self.loaded, self.layout, store, 0, self.spec.timeout_s)
+            self._stage = make_stage(
+                self.loaded, self.layout, self.spec.num_slots, self.spec.max_len, groups
+            )
+        except BaseException:
+            self._stop_processes(0.0)
+            self._leave()
+            raise
+        logger.info(
+            "model workers ready: this process and pids %s, %d pipeline stages x TP %d",
+            self.pids,
+            self.layout.num_stages,
+            self.layout.tp_degree,
+        )
+
+    def _wait_loaded(self, store: dist.TCPStore) -> None:
+        keys = [f"loaded/{rank}" for rank in range(1, self.spec.num_workers)]
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while not store.check(keys):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise WorkerFailure(f"model workers not loaded after {LOAD_TIMEOUT_S:.0f} s")
+            time.sleep(STARTUP_POLL_S)
+
+    def _check_alive(self) -> None:
+        for rank, proc in enumerate(self._procs, start=1):
+            if proc.poll() is not None:
+                raise WorkerFailure(
+                    f"model worker {rank} (pid {proc.pid}) exited with status {proc.returncode}"
+                )
+
+    def _fail(self, reason: str) -> None:
+        logger.error(
+            "model worker group failed (%s): in-flight requests fail, the next step restarts it",
+            reason,
+        )
+        self._stop_processes(0.0)
+        self._leave()
+
+    def _stop_processes(self, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs = []
+
+    def _leave(self) -> None:
+        self._stage = None
+        self._moves = []
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_worker(spec: WorkerSpec, rank: int) -> None:
+    """Rank `rank` (>= 1): load, join the group, then run steps until the driver stops it."""
+    torch.set_num_threads(spec.num_threads)
+    timeout = timedelta(seconds=spec.timeout_s)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    loaded = load_model(spec.model, spec.dtype)
+    store.set(f"loaded/{rank}", "1")
+    layout = Layout(spec.num_workers, spec.tp_degree)
+    groups = join_group(loaded, layout, store, rank, spec.timeout_s)
+    stage = make_stage(loaded, layout, spec.num_slots, spec.max_len, groups)
+    stage.executor.drop_model_layers()  # the model is this process's alone
+    while not (step := receive_step()).is_stop:
+        stage.run(step)
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="exegpt model worker (started by the engine)")
+    parser.add_argument("--spec", required=True, help="WorkerSpec as JSON")
+    args = parser.parse_args(argv)
+    rank = int(os.environ["RANK"])
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s worker {rank} %(levelname)s %(message)s"
+    )
+    try:
+        run_worker(msgspec.json.decode(args.spec, type=WorkerSpec), rank)
+    except Exception:  # the driver sees the exit (or the broken group) and reports it
+        logger.exception("model worker %d failed", rank)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

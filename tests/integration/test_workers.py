@@ -1,0 +1,185 @@
+"""Model workers: two processes in a gloo group give the single worker's greedy tokens,
+and a killed worker fails the step in bounded time instead of hanging the engine.
+
+Each engine here starts one worker process (torch import and model load: a few seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+
+from adaptive.schedule import Policy, Schedule
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.sampling import SamplingParams
+from engine.workers import WorkerFailure
+
+SCHEDULE = Schedule(Policy.RRA, encode_batch=3, decode_iters=2, max_batch=5)
+
+
+def workload(seed: int, n: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [
+        ([rng.randrange(100, 40000) for _ in range(rng.randrange(2, 48))], rng.randrange(1, 14))
+        for _ in range(n)
+    ]
+
+
+def run_engine(engine: LLMEngine, queries: list[tuple[list[int], int]]) -> list[list[int]]:
+    for i, (prompt, n) in enumerate(queries):
+        engine.add_request(f"q{i}", prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+    got: dict[str, list[int]] = {f"q{i}": [] for i in range(len(queries))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    return [got[f"q{i}"] for i in range(len(queries))]
+
+
+def config(model: str, dtype: str = "float32", **overrides: object) -> EngineConfig:
+    settings: dict[str, object] = {
+        "model": model,
+        "dtype": dtype,
+        "max_num_seqs": 5,
+        "max_model_len": 96,
+        "schedule": SCHEDULE,
+        "num_threads": 2,
+    }
+    return EngineConfig(**(settings | overrides))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("model", "dtype"),
+    [
+        ("random:llama", "bfloat16"),
+        ("random:llama", "float32"),
+        ("random:gpt2", "float32"),
+        ("random:t5", "float32"),
+    ],
+)
+def test_two_pipeline_stages_match_one_worker(load_cached, model, dtype):
+    """Each stage computes whole layers, in the same order, on micro-batches of the step's
+    queries and rows: equal even in bfloat16. T5's stages split the encoder blocks and the
+    decoder blocks."""
+    loaded = load_cached(model, dtype)
+    queries = workload(seed=1, n=9)
+    expected = run_engine(LLMEngine(config(model, dtype), loaded), queries)
+    with LLMEngine(config(model, dtype, num_workers=2), loaded) as engine:
+        assert engine.workers is not None and engine.workers.layout.num_stages == 2
+        assert run_engine(engine, queries) == expected
+
+
+@pytest.mark.parametrize("num_workers", [2, 4], ids=["tp2", "2_stages_of_tp2"])
+def test_tensor_parallel_two_matches_one_worker(load_cached, num_workers):
+    """TP=2 splits every layer's heads and MLP columns and sums the halves of o_proj and
+    down_proj with an all-reduce. In float32 that sum changes no greedy token; in bfloat16
+    each half is rounded before the sum (one worker rounds once, after it), which can flip
+    a near-tie on a random model, so the comparison runs in float32."""
+    loaded = load_cached("random:llama", "float32")
+    queries = workload(seed=2, n=9)
+    expected = run_engine(LLMEngine(config("random:llama"), loaded), queries)
+    cfg = config("random:llama", num_workers=num_workers, tp_degree=2)
+    with LLMEngine(cfg, loaded) as engine:
+        assert engine.workers is not None
+        assert engine.workers.layout.num_stages == num_workers // 2
+        assert run_engine(engine, queries) == expected
+
+
+def test_a_killed_worker_fails_the_step_and_the_group_restarts(load_cached):
+    loaded = load_cached("random:llama", "float32")
+    queries = workload(seed=3, n=4)
+    expected = run_engine(LLMEngine(config("random:llama"), loaded), queries)
+    cfg = config("random:llama", num_workers=2, worker_timeout_s=20)
+    with LLMEngine(cfg, loaded) as engine:
+        assert engine.workers is not None
+        for i in range(3):
+            engine.add_request(f"long{i}", [7] * 40, SamplingParams(max_tokens=50, ignore_eos=True))
+        engine.step()  # the group is busy with these when its worker dies
+        os.kill(engine.workers.pids[0], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerFailure, match="model worker"):
+            while engine.has_unfinished():
+                engine.step()
+        assert time.monotonic() - start < 20  # seen at once, well before the timeout
+        assert engine.workers.pids == []  # torn down
+        for i in range(3):  # what the engine process does: fail the in-flight requests
+            engine.abort_request(f"long{i}")
+        while engine.has_unfinished():
+            engine.step()
+        assert run_engine(engine, queries) == expected  # on a fresh group
+        assert len(engine.workers.pids) == 1
+
+
+def test_a_hung_worker_fails_the_step_after_the_timeout(load_cached):
+    loaded = load_cached("random:llama", "float32")
+    with LLMEngine(config("random:llama", num_workers=2, worker_timeout_s=10), loaded) as engine:
+        assert engine.workers is not None
+        engine.add_request("q", [7] * 10, SamplingParams(max_tokens=20, ignore_eos=True))
+        engine.step()
+        os.kill(engine.workers.pids[0], signal.SIGSTOP)  # alive, but never answers
+        start = time.monotonic()
+        with pytest.raises(WorkerFailure, match="timed out"):
+            while engine.has_unfinished():
+                engine.step()
+        assert 10 <= time.monotonic() - start < 40
+        assert engine.workers.pids == []  # the stopped worker was killed
+
+
+def test_unsupported_layouts_are_refused_before_any_process_starts(load_cached):
+    with pytest.raises(ValueError, match="split into tensor-parallel groups"):
+        config("random:llama", num_workers=3, tp_degree=2)
+    with pytest.raises(ValueError, match="tensor parallelism supports"):
+        LLMEngine(config("random:t5", num_workers=2, tp_degree=2), load_cached("random:t5"))
+    with pytest.raises(ValueError, match="tensor parallelism supports"):
+        LLMEngine(config("random:gpt2", num_workers=2, tp_degree=2), load_cached("random:gpt2"))
+    with pytest.raises(ValueError, match="must divide the KV heads"):  # random:llama has 2
+        LLMEngine(config("random:llama", num_workers=4, tp_degree=4), load_cached("random:llama"))
+    with pytest.raises(ValueError, match="exceed the model's 2 layers"):
+        LLMEngine(config("random:llama", num_workers=3), load_cached("random:llama"))
+
+
+async def test_served_requests_get_errors_when_a_worker_dies(make_gateway: Any) -> None:
+    """Through the engine process: every in-flight stream ends with an error event, then
+    the server answers new requests on a fresh worker group."""
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with (
+        make_gateway(num_workers=2) as server,
+        aiohttp.ClientSession(timeout=timeout) as http,
+    ):
+        url = f"{server.url}/v1/completions"
+        body = {"model": "random:llama", "prompt": "count", "ignore_eos": True}
+        started = [asyncio.Event() for _ in range(3)]
+
+        async def last_event(started: asyncio.Event) -> dict[str, Any]:
+            """The stream's last JSON event, read after its first token arrived."""
+            events = []
+            stream = body | {"max_tokens": 500, "stream": True}
+            async with http.post(url, json=stream) as response:
+                async for line in response.content:
+                    if line.startswith(b"data: {"):
+                        events.append(json.loads(line.removeprefix(b"data: ")))
+                        started.set()
+            return events[-1]
+
+        in_flight = [asyncio.create_task(last_event(event)) for event in started]
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 30)
+        (worker,) = [
+            child
+            for child in psutil.Process().children(recursive=True)
+            if "engine.workers" in child.cmdline()
+        ]
+        worker.send_signal(signal.SIGKILL)
+        for last in await asyncio.wait_for(asyncio.gather(*in_flight), 30):
+            assert "model worker" in last["error"]["message"], last
+        async with http.post(url, json=body | {"max_tokens": 3}) as response:
+            answer = await response.json()
+            assert response.status == 200, answer
+        assert answer["usage"]["completion_tokens"] == 3
