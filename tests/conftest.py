@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+from typing import Any
 
 import pytest
 
@@ -41,6 +43,49 @@ def load_cached():  # type: ignore[no-untyped-def]
         return cache[name, dtype]
 
     return load
+
+
+Queries = list[tuple[list[int], int]]  # (prompt ids, forced output length) per query
+
+
+@pytest.fixture(scope="session")
+def mixed_queries():  # type: ignore[no-untyped-def]
+    """Factory: mixed_queries(seed, n, min_out=1), n seeded queries of 2-47 prompt tokens
+    and min_out-13 output tokens: lengths that differ inside every batch."""
+
+    def make(seed: int, n: int, min_out: int = 1) -> Queries:
+        rng = random.Random(seed)
+        return [
+            (
+                [rng.randrange(100, 40000) for _ in range(rng.randrange(2, 48))],
+                rng.randrange(min_out, 14),
+            )
+            for _ in range(n)
+        ]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def run_to_end():  # type: ignore[no-untyped-def]
+    """Factory: run_to_end(engine, queries) -> {"q<i>": tokens}. Adds every query (EOS
+    ignored) and steps until all finish, checking the KV rows' bookkeeping after every
+    step and that every finished query gave its row back."""
+    from engine.sampling import SamplingParams
+
+    def run(engine: Any, queries: Queries) -> dict[str, list[int]]:
+        for i, (prompt, n) in enumerate(queries):
+            engine.add_request(f"q{i}", prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+        got: dict[str, list[int]] = {f"q{i}": [] for i in range(len(queries))}
+        while engine.has_unfinished():
+            for out in engine.step():
+                got[out.request_id] += out.new_token_ids
+            engine.scheduler.slots.check_integrity()
+            assert engine.scheduler.slots.num_used <= engine.config.max_num_seqs
+        assert engine.scheduler.slots.num_used == 0
+        return got
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import signal
 import time
 from typing import Any
@@ -24,24 +23,6 @@ from engine.sampling import SamplingParams
 from engine.workers import WorkerFailure
 
 SCHEDULE = Schedule(Policy.RRA, encode_batch=3, decode_iters=2, max_batch=5)
-
-
-def workload(seed: int, n: int) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    return [
-        ([rng.randrange(100, 40000) for _ in range(rng.randrange(2, 48))], rng.randrange(1, 14))
-        for _ in range(n)
-    ]
-
-
-def run_engine(engine: LLMEngine, queries: list[tuple[list[int], int]]) -> list[list[int]]:
-    for i, (prompt, n) in enumerate(queries):
-        engine.add_request(f"q{i}", prompt, SamplingParams(max_tokens=n, ignore_eos=True))
-    got: dict[str, list[int]] = {f"q{i}": [] for i in range(len(queries))}
-    while engine.has_unfinished():
-        for out in engine.step():
-            got[out.request_id] += out.new_token_ids
-    return [got[f"q{i}"] for i in range(len(queries))]
 
 
 def config(model: str, dtype: str = "float32", **overrides: object) -> EngineConfig:
@@ -65,38 +46,42 @@ def config(model: str, dtype: str = "float32", **overrides: object) -> EngineCon
         ("random:t5", "float32"),
     ],
 )
-def test_two_pipeline_stages_match_one_worker(load_cached, model, dtype):
+def test_two_pipeline_stages_match_one_worker(load_cached, model, dtype, mixed_queries, run_to_end):
     """Each stage computes whole layers, in the same order, on micro-batches of the step's
     queries and rows: equal even in bfloat16. T5's stages split the encoder blocks and the
     decoder blocks."""
     loaded = load_cached(model, dtype)
-    queries = workload(seed=1, n=9)
-    expected = run_engine(LLMEngine(config(model, dtype), loaded), queries)
+    queries = mixed_queries(seed=1, n=9)
+    expected = run_to_end(LLMEngine(config(model, dtype), loaded), queries)
     with LLMEngine(config(model, dtype, num_workers=2), loaded) as engine:
         assert engine.workers is not None and engine.workers.layout.num_stages == 2
-        assert run_engine(engine, queries) == expected
+        assert run_to_end(engine, queries) == expected
 
 
 @pytest.mark.parametrize("num_workers", [2, 4], ids=["tp2", "2_stages_of_tp2"])
-def test_tensor_parallel_two_matches_one_worker(load_cached, num_workers):
+def test_tensor_parallel_two_matches_one_worker(
+    load_cached, num_workers, mixed_queries, run_to_end
+):
     """TP=2 splits every layer's heads and MLP columns and sums the halves of o_proj and
     down_proj with an all-reduce. In float32 that sum changes no greedy token; in bfloat16
     each half is rounded before the sum (one worker rounds once, after it), which can flip
     a near-tie on a random model, so the comparison runs in float32."""
     loaded = load_cached("random:llama", "float32")
-    queries = workload(seed=2, n=9)
-    expected = run_engine(LLMEngine(config("random:llama"), loaded), queries)
+    queries = mixed_queries(seed=2, n=9)
+    expected = run_to_end(LLMEngine(config("random:llama"), loaded), queries)
     cfg = config("random:llama", num_workers=num_workers, tp_degree=2)
     with LLMEngine(cfg, loaded) as engine:
         assert engine.workers is not None
         assert engine.workers.layout.num_stages == num_workers // 2
-        assert run_engine(engine, queries) == expected
+        assert run_to_end(engine, queries) == expected
 
 
-def test_a_killed_worker_fails_the_step_and_the_group_restarts(load_cached):
+def test_a_killed_worker_fails_the_step_and_the_group_restarts(
+    load_cached, mixed_queries, run_to_end
+):
     loaded = load_cached("random:llama", "float32")
-    queries = workload(seed=3, n=4)
-    expected = run_engine(LLMEngine(config("random:llama"), loaded), queries)
+    queries = mixed_queries(seed=3, n=4)
+    expected = run_to_end(LLMEngine(config("random:llama"), loaded), queries)
     cfg = config("random:llama", num_workers=2, worker_timeout_s=20)
     with LLMEngine(cfg, loaded) as engine:
         assert engine.workers is not None
@@ -114,7 +99,7 @@ def test_a_killed_worker_fails_the_step_and_the_group_restarts(load_cached):
             engine.abort_request(f"long{i}")
         while engine.has_unfinished():
             engine.step()
-        assert run_engine(engine, queries) == expected  # on a fresh group
+        assert run_to_end(engine, queries) == expected  # on a fresh group
         assert len(engine.workers.pids) == 1
 
 

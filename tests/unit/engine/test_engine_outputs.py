@@ -6,8 +6,6 @@ Random-weight models run in float32, where the only difference from `generate` w
 bug, not rounding.
 """
 
-import random
-
 import pytest
 
 from adaptive.schedule import Policy, Schedule
@@ -21,49 +19,29 @@ SCHEDULES = [
 ]
 
 
-def workload(seed: int, n: int, min_out: int = 1) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    return [
-        (
-            [rng.randrange(100, 40000) for _ in range(rng.randrange(2, 48))],
-            rng.randrange(min_out, 14),
-        )
-        for _ in range(n)
-    ]
-
-
-def run_engine(engine: LLMEngine, queries: list[tuple[list[int], int]]) -> dict[str, list[int]]:
-    for i, (prompt, n) in enumerate(queries):
-        engine.add_request(f"q{i}", prompt, SamplingParams(max_tokens=n, ignore_eos=True))
-    got: dict[str, list[int]] = {f"q{i}": [] for i in range(len(queries))}
-    while engine.has_unfinished():
-        for out in engine.step():
-            got[out.request_id] += out.new_token_ids
-        engine.scheduler.slots.check_integrity()
-        assert engine.scheduler.slots.num_used <= engine.config.max_num_seqs
-    assert engine.scheduler.slots.num_used == 0  # every finished query gave back its row
-    return got
-
-
 @pytest.mark.parametrize("model", ["random:llama", "random:gpt2", "random:t5"])
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: s.policy.value)
-def test_greedy_matches_generate(load_cached, hf_greedy, model, schedule):
+def test_greedy_matches_generate(
+    load_cached, hf_greedy, model, schedule, mixed_queries, run_to_end
+):
     loaded = load_cached(model)
-    queries = workload(seed=1, n=9)
+    queries = mixed_queries(seed=1, n=9)
     config = EngineConfig(
         model=model, dtype="float32", max_num_seqs=5, max_model_len=96, schedule=schedule
     )
     assert config.carry_decode  # encoding phases carry the running rows' iteration
-    got = run_engine(LLMEngine(config, loaded), queries)
+    got = run_to_end(LLMEngine(config, loaded), queries)
     for i, (prompt, n) in enumerate(queries):
         assert got[f"q{i}"] == hf_greedy(loaded, prompt, n), f"query {i} differs"
 
 
 @pytest.mark.parametrize("model", ["random:llama", "random:t5"])
-def test_strict_alternation_matches_generate(load_cached, hf_greedy, model):
+def test_strict_alternation_matches_generate(
+    load_cached, hf_greedy, model, mixed_queries, run_to_end
+):
     """The paper's form: encoding phases do not decode the running batch."""
     loaded = load_cached(model)
-    queries = workload(seed=4, n=7)
+    queries = mixed_queries(seed=4, n=7)
     config = EngineConfig(
         model=model,
         dtype="float32",
@@ -72,16 +50,16 @@ def test_strict_alternation_matches_generate(load_cached, hf_greedy, model):
         schedule=SCHEDULES[0],
         carry_decode=False,
     )
-    got = run_engine(LLMEngine(config, loaded), queries)
+    got = run_to_end(LLMEngine(config, loaded), queries)
     for i, (prompt, n) in enumerate(queries):
         assert got[f"q{i}"] == hf_greedy(loaded, prompt, n), f"query {i} differs"
 
 
-def test_rra_with_one_decode_iteration_schedules_like_continuous(load_cached):
+def test_rra_with_one_decode_iteration_schedules_like_continuous(load_cached, mixed_queries):
     """Same plans step by step. (A query done at its encoding step frees its row at once;
     continuous refills it immediately while RRA decodes once first, hence min_out=2.)"""
     loaded = load_cached("random:llama")
-    queries = workload(seed=2, n=12, min_out=2)
+    queries = mixed_queries(seed=2, n=12, min_out=2)
     traces = []
     for schedule in (
         Schedule(Policy.RRA, encode_batch=64, decode_iters=1, max_batch=4),
