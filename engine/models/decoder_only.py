@@ -231,6 +231,18 @@ _ARCHS: dict[str, type[_LlamaArch] | type[_GPT2Arch]] = {
 TP_ARCHS = frozenset(name for name, arch in _ARCHS.items() if arch is _LlamaArch)
 
 
+PAD_TOKENS_TO = 32  # encoding steps' token counts are rounded up to a multiple of this
+
+
+def padded_token_count(tokens: int) -> int:
+    """The rows an encoding step computes. oneDNN builds a kernel for every new row count
+    of a matrix product (~5 ms each for SmolLM2's projections on two cores), and packed
+    prompts make a new count nearly every step; rounded up, the counts repeat and their
+    kernels are cached, for at most PAD_TOKENS_TO - 1 extra rows. Decoding steps' counts
+    are batch sizes, which repeat already."""
+    return -(-tokens // PAD_TOKENS_TO) * PAD_TOKENS_TO
+
+
 def num_layers(loaded: LoadedModel) -> int:
     return int(loaded.model.config.num_hidden_layers)
 
@@ -246,10 +258,15 @@ class StepBatch:
     decode_pos: torch.Tensor  # [n]: each running row's new token's position
     mask: torch.Tensor  # [n, 1, 1, span]: row r sees keys 0..decode_pos[r]
     first_row: int = 0  # the running rows are cache rows [first_row, first_row + n)
+    padding: int = 0  # rows after the running ones that only round the token count up
 
     @property
     def packed(self) -> int:
         return sum(self.lengths)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.decode_pos)
 
     @property
     def num_tokens(self) -> int:
@@ -304,14 +321,21 @@ class DecoderOnlyExecutor:
         lengths = [len(item.token_ids) for item in items]
         decode_pos = torch.tensor(context_lens, dtype=torch.long)
         span = max(context_lens, default=0) + 1
+        tokens = sum(lengths) + len(token_ids)
+        padding = padded_token_count(tokens) - tokens if items else 0
         return StepBatch(
             items=items,
             lengths=lengths,
-            ids=torch.tensor([t for item in items for t in item.token_ids] + token_ids),
-            positions=torch.cat([*(torch.arange(length) for length in lengths), decode_pos]),
+            ids=torch.tensor(
+                [t for item in items for t in item.token_ids] + token_ids + [0] * padding
+            ),
+            positions=torch.cat(
+                [*(torch.arange(length) for length in lengths), decode_pos, torch.zeros(padding)]
+            ).long(),
             decode_pos=decode_pos,
             mask=(torch.arange(span).unsqueeze(0) <= decode_pos.unsqueeze(1))[:, None, None, :],
             first_row=first_row,
+            padding=padding,
         )
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
@@ -321,7 +345,8 @@ class DecoderOnlyExecutor:
         """This executor's layers over h [packed + n, hidden], caching their keys and values."""
         self.arch.set_positions(batch.positions)
         packed, lengths = batch.packed, batch.lengths
-        n = len(batch.decode_pos)
+        n = batch.num_rows
+        rows_end = packed + n
         first, rows = batch.first_row, torch.arange(batch.first_row, batch.first_row + n)
         span = batch.mask.shape[-1]
         for i in range(self.arch.num_layers):
@@ -342,10 +367,10 @@ class DecoderOnlyExecutor:
                     ).flatten(1)
                 )
             if n:
-                k_cache[rows, :, batch.decode_pos] = k[packed:]
-                v_cache[rows, :, batch.decode_pos] = v[packed:]
+                k_cache[rows, :, batch.decode_pos] = k[packed:rows_end]
+                v_cache[rows, :, batch.decode_pos] = v[packed:rows_end]
                 out = scaled_dot_product_attention(
-                    q[packed:].unsqueeze(2),  # [n, heads, 1, hd]
+                    q[packed:rows_end].unsqueeze(2),  # [n, heads, 1, hd]
                     k_cache[first : first + n, :, :span],
                     v_cache[first : first + n, :, :span],
                     attn_mask=batch.mask,
@@ -353,6 +378,8 @@ class DecoderOnlyExecutor:
                     enable_gqa=True,
                 )
                 parts.append(out.flatten(1))
+            if batch.padding:  # padding rows attend to nothing
+                parts.append(q.new_zeros(batch.padding, q.shape[1] * q.shape[2]))
             h = self.arch.finish_layer(i, h, parts[0] if len(parts) == 1 else torch.cat(parts))
         return h
 
@@ -360,7 +387,7 @@ class DecoderOnlyExecutor:
         """Float32 logits [items + n, vocab]; an item's come from its last prompt token."""
         if batch.items:
             last = torch.tensor(batch.lengths).cumsum(0) - 1
-            h = torch.cat([h[last], h[batch.packed :]])
+            h = torch.cat([h[last], h[batch.packed : batch.packed + batch.num_rows]])
         return self.arch.logits(h)
 
     def drop_model_layers(self) -> None:

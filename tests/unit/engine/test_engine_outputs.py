@@ -7,9 +7,11 @@ bug, not rounding.
 """
 
 import pytest
+import torch
 
 from adaptive.schedule import Policy, Schedule
 from engine.llm_engine import EngineConfig, LLMEngine
+from engine.models import EncodeItem, build_executor, decoder_only
 from engine.sampling import SamplingParams
 
 SCHEDULES = [
@@ -139,3 +141,25 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(load_cached, hf
     sampled = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.9, seed=3, ignore_eos=True)
     assert sample_once(sampled) == sample_once(sampled)
     assert sample_once(sampled) != hf_greedy(loaded, [500, 600, 700], 16)
+
+
+def test_encoding_steps_round_their_rows_up_without_changing_the_logits(load_cached, monkeypatch):
+    """Padding rows only repeat the matrix products' shapes: the queries' logits, the
+    running rows' and the cached keys are those of the unpadded step."""
+    loaded = load_cached("random:llama")
+    items = [EncodeItem(2, [5 + i for i in range(7)]), EncodeItem(3, [9] * 10)]
+    batch = decoder_only.DecoderOnlyExecutor.batch(items, [11, 12], [4, 6])
+    assert batch.num_tokens == 32 and batch.padding == 32 - 19
+    assert decoder_only.DecoderOnlyExecutor.batch([], [11, 12], [4, 6]).padding == 0
+
+    def run(pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(decoder_only, "PAD_TOKENS_TO", pad_to)
+        executor = build_executor(loaded, 4, 32)
+        executor.forward([EncodeItem(0, [3] * 5), EncodeItem(1, [4] * 7)], [], [])
+        logits = executor.forward(items, [11, 12], [5, 7])
+        return logits, executor.k_cache[0][:4, :, :10]
+
+    padded, unpadded = run(32), run(1)
+    assert padded[0].shape == (4, loaded.vocab_size)
+    torch.testing.assert_close(padded[0], unpadded[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[1], unpadded[1], rtol=1e-5, atol=1e-5)
