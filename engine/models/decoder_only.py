@@ -330,8 +330,12 @@ class DecoderOnlyExecutor:
                 [t for item in items for t in item.token_ids] + token_ids + [0] * padding
             ),
             positions=torch.cat(
-                [*(torch.arange(length) for length in lengths), decode_pos, torch.zeros(padding)]
-            ).long(),
+                [
+                    *(torch.arange(length) for length in lengths),
+                    decode_pos,
+                    torch.zeros(padding, dtype=torch.long),
+                ]
+            ),
             decode_pos=decode_pos,
             mask=(torch.arange(span).unsqueeze(0) <= decode_pos.unsqueeze(1))[:, None, None, :],
             first_row=first_row,
