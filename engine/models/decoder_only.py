@@ -1,6 +1,6 @@
 """Decoder-only forward (Llama family, GPT-2) over Hugging Face weights with a slot KV cache.
 
-The Hugging Face modules supply the weights and the per-token pieces (norms, projections,
+The Hugging Face modules supply the weights and the per-token pieces (norm weights, projections,
 MLP, rotary tables); attention and the cache are ours, so that a batch can mix queries of
 different lengths: prompts are packed without padding, and a decode iteration attends each
 row over its own context only (keys past a row's length are masked, never computed into
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention
+from torch.nn.functional import rms_norm, scaled_dot_product_attention
 
 from engine.model_loader import LoadedModel
 from engine.models.base import EncodeItem, causal_prefill_attention
@@ -114,8 +114,9 @@ class _LlamaArch:
         self.num_heads = cfg.num_attention_heads // size
         self.num_kv_heads = cfg.num_key_value_heads // size
         self.tp = tp
-        self.input_norms = [layer.input_layernorm for layer in own]
-        self.post_norms = [layer.post_attention_layernorm for layer in own]
+        self.input_norms = [_RMSNorm(layer.input_layernorm) for layer in own]
+        self.post_norms = [_RMSNorm(layer.post_attention_layernorm) for layer in own]
+        self.final_norm = _RMSNorm(self.body.norm)
         attns = [layer.self_attn for layer in own]
         mlps = [layer.mlp for layer in own]
         hd = self.head_dim
@@ -138,13 +139,13 @@ class _LlamaArch:
         return self.body.embed_tokens(ids)  # [T, hidden]
 
     def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv_proj[i].split(self.input_norms[i](h))
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj[i](self.input_norms[i](h))  # [tokens, (heads + 2 kv_heads) hd]
+        heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         assert self.rope is not None
-        cos, sin = self.rope
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        # q and k are rotated in one pass: their columns are adjacent in the fused output
+        qk = _rotate(qkv[:, : (heads + kv_heads) * hd].view(-1, heads + kv_heads, hd), *self.rope)
+        v = qkv[:, (heads + kv_heads) * hd :].view(-1, kv_heads, hd)
+        return qk[:, :heads], qk[:, heads:], v
 
     def attn_scale(self, i: int) -> float | None:
         return None
@@ -164,16 +165,35 @@ class _LlamaArch:
         return h + out
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.body.norm(h)).float()
+        return self.lm_head(self.final_norm(h)).float()
 
     def drop_model_layers(self) -> None:
         self.body.layers = torch.nn.ModuleList()
 
 
+class _RMSNorm:
+    """Hugging Face's Llama-family RMSNorm with its float32 part in one fused kernel: the
+    same arithmetic bit for bit (normalised in float32, rounded to the input's dtype, then
+    scaled by the weight), at half the passes over a long prompt's activations."""
+
+    def __init__(self, module: Any) -> None:
+        self.weight: torch.Tensor = module.weight.detach()
+        self.shape = (self.weight.shape[0],)
+        self.eps = float(module.variance_epsilon)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.weight * rms_norm(h.float(), self.shape, eps=self.eps).to(h.dtype)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotary embedding, x * cos + rotate_half(x) * sin, rounded as it rounds
+    each product, without materialising rotate_half(x): (-a) * b is -(a * b) exactly."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    out = x * cos
+    rotated = torch.empty_like(out)
+    torch.mul(x[..., half:], sin[..., :half], out=rotated[..., :half]).neg_()
+    torch.mul(x[..., :half], sin[..., half:], out=rotated[..., half:])
+    return out.add_(rotated)
 
 
 class _GPT2Arch:
