@@ -6,6 +6,11 @@ Measuring SmolLM2's full grid takes about 95 s here, so a profile is kept under
 start reads it in milliseconds. `quick` is the small grid (batch <= 16, length <= 256,
 seconds on a small model; the controller's refit corrects its scale while serving); a
 path names a profile file made by `exegpt profile`.
+
+Only a clean profile is kept: one measured while the machine was too busy (over
+MAX_INVERTED_SHARE of neighbouring points inverted even after re-measuring, see
+engine/profiler.py) serves this run and is measured again at the next start, and a cached
+one that fails the check (written before it existed) is measured again.
 """
 
 from __future__ import annotations
@@ -16,12 +21,20 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from adaptive.profile import Profile, load_profile, parse_profile
 from engine.model_loader import LoadedModel, cache_dir
-from engine.profiler import QUICK, ProfileOptions, device_info, profile_model
+from engine.profiler import (
+    MAX_INVERTED_SHARE,
+    QUICK,
+    ProfileOptions,
+    device_info,
+    inverted_share,
+    profile_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +56,25 @@ def serving_profile(loaded: LoadedModel, grid: str) -> Profile:
         return load_profile(grid)
     path = cache_path(loaded, grid)
     if path.is_file():
-        return load_profile(path)
+        if _is_clean(json.loads(path.read_text())):
+            return load_profile(path)
+        logger.warning("cached profile %s is noise-dominated: measuring again", path)
     logger.info("profiling %s (%s grid) on this device, once: %s", loaded.name, grid, path)
     raw = profile_model(loaded, GRIDS[grid], progress=False)
+    if not _is_clean(raw):
+        logger.warning("the profile stays noisy: used for this run, not cached")
+        return parse_profile(raw, source=f"{path} (not cached: measured on a busy machine)")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     partial.write_text(json.dumps(raw, indent=1) + "\n")
     partial.replace(path)  # atomic: a concurrent start never reads half a file
     return parse_profile(raw, source=str(path))
+
+
+def _is_clean(raw: dict[str, Any]) -> bool:
+    """Whether every TP entry's grid passes the profiler's inversion check."""
+    kinds = ("encode", "decode", "cross_decode")
+    return all(
+        inverted_share({k: entry[k] for k in kinds if k in entry}) <= MAX_INVERTED_SHARE
+        for entry in raw.get("tp", [])
+    )
