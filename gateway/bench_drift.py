@@ -2,7 +2,11 @@
 
 Open-loop traffic in phases, each with the paper's task lengths scaled to this machine and
 a bound set through PUT /v1/slo at its start (default: S, then G, then G with the bound
-tightened, then C2 with it loosened again). The same script runs twice on fresh servers:
+tightened, then C2 with it loosened again). A bound is given in seconds, or as a multiple
+of the tightest one the server can meet for the phase's lengths ("2x"): the lowest latency
+the planner predicts for them from the serving profile the server uses, so that the
+default phases ask the same of a fast machine and a slow one, and no phase is impossible
+by construction. The same script runs twice on fresh servers:
 with online adaptation, and with the schedule solved once at start (`--no-adapt`).
 Per phase: throughput, p99 latency as the client sees it (send to last token, queueing
 included) and as the engine measures it (encode start to last token, the bound's
@@ -19,14 +23,14 @@ import asyncio
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 
-from engine.workloads import make_prompts, task_queries
+from engine.workloads import Query, make_prompts, task_queries
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer
 
@@ -64,9 +68,10 @@ def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phases", default="S,G,G,C2", help="paper tasks, one per phase")
     parser.add_argument(
         "--slos",
-        default="2,2,1,2",
-        help="bound (seconds, or 'none') set at each phase's start; default: G tightened, "
-        "then loosened for C2",
+        default="2x,2x,1.4x,2x",
+        help="bound set at each phase's start: seconds, 'none', or 'Nx' (N times the "
+        "tightest bound the server can meet for the phase's lengths); default: G "
+        "tightened, then loosened for C2",
     )
     parser.add_argument("--phase-s", type=float, default=20.0, help="seconds of traffic a phase")
     parser.add_argument("--rate", type=float, default=2.0, help="requests per second")
@@ -80,27 +85,86 @@ def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run_drift)
 
 
-def phase_specs(args: argparse.Namespace) -> list[PhaseSpec]:
+Workload = tuple[list[Query], list[list[int]]]  # a phase's queries and their prompts
+
+
+def phase_bounds(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(task, bound as given) per phase, validated."""
     tasks = [t.strip().upper() for t in args.phases.split(",") if t.strip()]
     slos = [s.strip().lower() for s in args.slos.split(",") if s.strip()]
     if not tasks or len(slos) != len(tasks):
         raise ValueError("--phases and --slos need one entry per phase")
-    bounds = [None if s == "none" else float(s) for s in slos]
-    if any(b is not None and not b > 0 for b in bounds):
-        raise ValueError("bounds must be positive seconds or 'none'")
+    for slo in slos:
+        try:
+            value = None if slo == "none" else float(slo.removesuffix("x"))
+        except ValueError:
+            raise ValueError(f"bound {slo!r}: expected seconds, 'Nx' or 'none'") from None
+        if value is not None and not value > 0:
+            raise ValueError("bounds must be positive seconds, 'Nx' or 'none'")
     if args.phase_s <= 0 or args.rate <= 0:
         raise ValueError("--phase-s and --rate must be positive")
-    return [PhaseSpec(t, b) for t, b in zip(tasks, bounds, strict=True)]
+    return list(zip(tasks, slos, strict=True))
+
+
+def resolve_bounds(
+    phases: list[tuple[str, str]], config: GatewayConfig, scale: float
+) -> list[PhaseSpec]:
+    """Seconds for every bound; an "Nx" bound from the serving profile, loaded (or
+    measured, once, and cached for the server) as the engine does."""
+    relative = {task for task, slo in phases if slo.endswith("x")}
+    tightest: dict[str, float] = {}
+    if relative:
+        import torch
+
+        from adaptive.distributions import LengthDistribution
+        from adaptive.schedule import Policy
+        from adaptive.serving import ServingTarget
+        from engine.model_loader import load_model
+        from engine.profile_cache import serving_profile
+
+        torch.set_num_threads(config.engine_threads)  # the profile's cache key
+        profile = serving_profile(load_model(config.model, config.dtype), config.profile)
+        target = ServingTarget(profile, config.max_num_seqs, Policy(config.policy))
+        for task in sorted(relative):
+            dist = LengthDistribution.from_task(task, scale=scale)
+            tightest[task] = target.tightest_bound(dist)
+    specs = []
+    for task, slo in phases:
+        if slo == "none":
+            specs.append(PhaseSpec(task, None))
+        elif slo.endswith("x"):
+            specs.append(PhaseSpec(task, round(float(slo[:-1]) * tightest[task], 2)))
+        else:
+            specs.append(PhaseSpec(task, float(slo)))
+    return specs
 
 
 def run_drift(args: argparse.Namespace) -> int:
-    specs = phase_specs(args)
+    phases = phase_bounds(args)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"adaptive", "fixed"}:
         raise ValueError("--modes takes adaptive, fixed or both")
+    num = max(1, round(args.rate * args.phase_s))
+    workloads: list[Workload] = []
+    for i, (task, _) in enumerate(phases):
+        queries = task_queries(task, num, args.seed + i, args.scale)
+        workloads.append((queries, make_prompts(queries, PROMPT_VOCAB, args.seed + i)))
+    longest = max(q.prompt_len + q.output_len for queries, _ in workloads for q in queries)
+    config = GatewayConfig(
+        model=args.model,
+        dtype=args.dtype,
+        port=0,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=longest + 8,
+        num_threads=args.num_threads,
+        admin_token=TOKEN,
+        profile=args.profile,
+    )
+    specs = resolve_bounds(phases, config, args.scale)
     results: list[PhaseResult] = []
     for mode in modes:
-        results += asyncio.run(run_mode(args, specs, mode))
+        mode_config = replace(config, slo_s=specs[0].slo_s, adapt=mode == "adaptive")
+        results += asyncio.run(run_mode(args, mode_config, specs, workloads, mode))
     print_table(results)
     if args.json is not None:
         report: dict[str, Any] = {
@@ -114,26 +178,12 @@ def run_drift(args: argparse.Namespace) -> int:
 
 
 async def run_mode(
-    args: argparse.Namespace, specs: list[PhaseSpec], mode: str
+    args: argparse.Namespace,
+    config: GatewayConfig,
+    specs: list[PhaseSpec],
+    workloads: list[Workload],
+    mode: str,
 ) -> list[PhaseResult]:
-    num = max(1, round(args.rate * args.phase_s))
-    workloads = []
-    for i, spec in enumerate(specs):
-        queries = task_queries(spec.task, num, args.seed + i, args.scale)
-        workloads.append((queries, make_prompts(queries, PROMPT_VOCAB, args.seed + i)))
-    longest = max(q.prompt_len + q.output_len for queries, _ in workloads for q in queries)
-    config = GatewayConfig(
-        model=args.model,
-        dtype=args.dtype,
-        port=0,
-        slo_s=specs[0].slo_s,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=longest + 8,
-        num_threads=args.num_threads,
-        admin_token=TOKEN,
-        profile=args.profile,
-        adapt=mode == "adaptive",
-    )
     server = GatewayServer(config)
     await server.start()
     try:

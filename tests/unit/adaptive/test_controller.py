@@ -155,3 +155,11 @@ def test_step_times_off_the_profile_refit_its_scale(target: ServingTarget) -> No
     assert slower.latency_s > 1.5 * before.latency_s
     clock.now += 2
     assert controller.check() is None  # fitted: nothing left to correct
+
+
+def test_the_tightest_bound_is_the_edge_of_feasibility(target: ServingTarget) -> None:
+    dist = LengthDistribution.from_task("G")
+    edge = target.tightest_bound(dist)
+    assert edge > 0
+    assert target.solve(dist, edge * 1.01).is_feasible
+    assert not target.solve(dist, edge * 0.99).is_feasible
