@@ -2,7 +2,7 @@
 
 The engine thread reports every finished request (lengths, latency) and every step (what
 ran, how long it took); it calls `check()` between steps and applies what `poll()` hands
-back at its next phase boundary. Solving runs on one background thread (the planner's
+back at its next step. Solving runs on one background thread (the planner's
 numba kernels release the GIL), so the step loop never waits for the planner. A re-solve
 is triggered by
 
@@ -182,7 +182,7 @@ class Controller:
         self._steps.append((is_encode, predicted, seconds))
 
     def on_active(self, schedule: Schedule) -> None:
-        """The engine now runs `schedule` (it switched at a phase boundary)."""
+        """The engine now runs `schedule` (it switched between two steps)."""
         if schedule is self.current.schedule:
             now = self.clock()
             self._active_since = now

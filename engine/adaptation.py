@@ -4,7 +4,7 @@ Startup: the model is loaded once, profiled (or its cached profile read, engine/
 profile_cache.py) before the engine takes it, and the controller solves the first
 schedule. Then, per loop iteration, `after_step` reports what ran and what finished,
 and `tick` lets the controller start a re-solve and applies solved schedules; a new
-schedule takes effect at the scheduler's next phase boundary (Scheduler.set_schedule).
+schedule takes effect at the scheduler's next step (Scheduler.set_schedule).
 """
 
 from __future__ import annotations

@@ -98,7 +98,8 @@ class Scheduler:
         return request
 
     def set_schedule(self, schedule: Schedule) -> None:
-        """Takes effect at the next encoding decision, never in the middle of a phase."""
+        """Takes effect at the next step where the running policy allows it: the next one
+        under RRA and continuous batching, after the batch under static batching."""
         make_policy(schedule)  # reject a schedule this engine cannot run, now
         self._next_schedule = schedule
 

@@ -1,8 +1,9 @@
 """Switching schedules while queries run drops nothing and changes no greedy token.
 
 The controller hands the engine a new Schedule whenever it re-solves; the scheduler
-applies it at the next phase boundary. Queries already encoded keep their rows and KV,
-so a run that switches every few steps must equal an unswitched run token for token.
+applies it at the next step (after a static batch). Queries already encoded keep their
+rows and KV, so a run that switches every few steps must equal an unswitched run token
+for token.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ SWITCHES = [
 
 def run(engine: LLMEngine, queries: list[tuple[list[int], int]], switch_every: int) -> dict:  # type: ignore[type-arg]
     """Run to completion, switching to the next of SWITCHES every `switch_every` steps
-    (0: never), mid-phase on purpose: the switch waits for the boundary."""
+    (0: never), mid-phase on purpose."""
     for i, (prompt, n) in enumerate(queries):
         engine.add_request(f"q{i}", prompt, SamplingParams(max_tokens=n, ignore_eos=True))
     got: dict[str, list[int]] = {f"q{i}": [] for i in range(len(queries))}

@@ -119,17 +119,30 @@ def test_abort_frees_the_row_and_waiting_requests_never_run():
     assert s.schedule() is None
 
 
-def test_new_schedule_waits_for_the_phase_boundary():
-    s = make(Schedule(Policy.RRA, encode_batch=1, decode_iters=3, max_batch=8))
+def test_new_rra_schedule_takes_over_at_the_next_step_counting_iterations_already_run():
+    s = make(Schedule(Policy.RRA, encode_batch=1, decode_iters=8, max_batch=8))
     for i in range(6):
         add(s, f"q{i}", max_tokens=100)
     run_step(s)
     run_step(s)
-    s.set_schedule(Schedule(Policy.RRA, encode_batch=4, decode_iters=1, max_batch=8))
-    assert run_step(s)[0] is Phase.DECODE  # the current phase's N_D=3 iterations finish first
-    assert run_step(s)[0] is Phase.DECODE
-    assert run_step(s) == (Phase.ENCODE, ["q1", "q2", "q3", "q4"])
-    assert s.schedule_value.encode_batch == 4
+    run_step(s)  # 2 of the old N_D=8 iterations have run
+    s.set_schedule(Schedule(Policy.RRA, encode_batch=2, decode_iters=3, max_batch=8))
+    assert run_step(s)[0] is Phase.DECODE  # the third, now the new N_D=3's last
+    assert s.schedule_value.encode_batch == 2
+    assert run_step(s) == (Phase.ENCODE, ["q1", "q2"])
+
+
+def test_new_schedule_waits_for_a_static_batch_to_end():
+    s = make(Schedule(Policy.STATIC, encode_batch=2))
+    for i in range(3):
+        add(s, f"q{i}", max_tokens=3)
+    run_step(s)
+    s.set_schedule(Schedule(Policy.RRA, encode_batch=1, decode_iters=1, max_batch=8))
+    assert run_step(s) == (Phase.DECODE, ["q0", "q1"])  # the static batch runs to its end
+    assert run_step(s) == (Phase.DECODE, ["q0", "q1"])
+    assert s.schedule_value.policy is Policy.STATIC
+    assert run_step(s) == (Phase.ENCODE, ["q2"])
+    assert s.schedule_value.policy is Policy.RRA
 
 
 def test_static_batch_whose_last_member_is_aborted_releases_every_held_row():
