@@ -71,7 +71,7 @@ class AdaptationInfo(msgspec.Struct, frozen=True):
     profile: str  # where the planner's profile came from
     profile_scales: list[float]  # [encode, decode] refit factors in use
     fitted_scales: list[float]  # [encode, decode] measured / predicted step time now
-    bound_margin: float  # the planner aims at bound * margin after latency breaches
+    bound_margin: float  # the planner aims at bound * margin (0.85, lowered by breaches)
     predicted_latency_s: float | None
     predicted_throughput_req_s: float | None
     measured_p99_latency_s: float | None

@@ -163,3 +163,21 @@ def test_the_tightest_bound_is_the_edge_of_feasibility(target: ServingTarget) ->
     assert edge > 0
     assert target.solve(dist, edge * 1.01).is_feasible
     assert not target.solve(dist, edge * 0.99).is_feasible
+
+
+def test_the_plan_keeps_a_margin_under_the_bound(target: ServingTarget) -> None:
+    """Predictions are off by some percent: the planner aims below the bound, unless only
+    the bound itself can be met."""
+    dist = LengthDistribution.from_task("C1")
+    loose = target.solve(dist, None).prediction.latency_s
+    fastest = target.tightest_bound(dist)
+    bound = (loose + fastest) / 2
+    controller, _ = make(target, dist, slo_s=bound)
+    assert controller.state().margin == AdaptiveConfig().margin < 1
+    assert controller.current.choice.prediction.latency_s <= bound * AdaptiveConfig().margin
+    assert controller.current.choice.is_feasible
+    edge = fastest / (AdaptiveConfig().margin + 0.05)  # met, but not with the margin
+    controller.set_slo(edge, 1)
+    (decision,) = settle(controller)
+    assert decision.choice.is_feasible
+    assert decision.choice.prediction.latency_s == pytest.approx(fastest)
