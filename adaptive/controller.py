@@ -12,7 +12,9 @@ is triggered by
              inputs (mean input length, mean and p99 output length) since the schedule
              was solved exceeds `drift_threshold`
     latency  the p99 of requests that started under the current schedule breaks the
-             bound: the bound the planner aims at is tightened by bound / measured p99
+             bound: the bound the planner aims at is tightened by bound / measured p99;
+             or it is far below the schedule's predicted latency (the planner's model
+             runs high here): the planner's bound is loosened by predicted / measured
     refit    measured step times disagree with the profile's by more than
              `refit_threshold` (the paper's real-time profiling): encode and decode tables
              are rescaled by measured / predicted over the recent steps
@@ -68,6 +70,8 @@ class AdaptiveConfig:
     # would only be seen after min_requests finish; breaches lower it, to min_margin.
     margin: float = 0.85
     min_margin: float = 0.3
+    # measured p99 below predicted * (1 - this) calibrates the planner's latencies down
+    slack_threshold: float = 0.25
     refit_threshold: float = 0.25  # |measured / predicted - 1| of step times past the fit
     min_steps: int = 32  # steps of a kind behind a refit
     window: int = 256  # recent latencies and steps kept
@@ -83,6 +87,7 @@ class AdaptiveConfig:
             "breach_tolerance": self.breach_tolerance >= 0,
             "margin": 0 < self.margin <= 1,
             "min_margin": 0 < self.min_margin <= self.margin,
+            "slack_threshold": 0 < self.slack_threshold < 1,
             "refit_threshold": self.refit_threshold > 0,
             "min_steps": self.min_steps >= 1,
             "window": self.window >= self.min_requests and self.window >= self.min_steps,
@@ -126,6 +131,7 @@ class ControllerState:
     scales: tuple[float, float]
     fitted_scales: tuple[float, float]
     margin: float
+    calibration: float  # measured / predicted p99 latency, where predictions ran high
     measured_p99_s: float | None
     measured_throughput_req_s: float
     slo_attainment: float | None  # fraction of requests since the bound was set meeting it
@@ -156,6 +162,7 @@ class Controller:
         self._switch_delay_s: float | None = None
         self._fitted = (1.0, 1.0)
         self._margin = config.margin
+        self._calibration = 1.0
         self._since_solve = 0
         self._last_trigger = -math.inf
         self._next_check = -math.inf
@@ -247,6 +254,12 @@ class Controller:
             if p99 > self.slo_s * (1 + cfg.breach_tolerance):
                 self._margin = max(cfg.min_margin, self._margin * self.slo_s / p99)
                 return Trigger.LATENCY
+            predicted = self.current.choice.prediction.latency_s
+            if p99 < predicted * self._calibration * (1 - cfg.slack_threshold):
+                # planned latencies are in the model's units: this schedule's measured /
+                # predicted carries over to its neighbours
+                self._calibration = p99 / predicted
+                return Trigger.LATENCY
         applied = self.current.scales
         limit = math.log1p(cfg.refit_threshold)
         if any(abs(math.log(f / a)) > limit for f, a in zip(self._fitted, applied, strict=True)):
@@ -280,7 +293,10 @@ class Controller:
         with self._lock:
             self._since_solve = 0
             self._breach.clear()
-        args = (reason, dist or self.prior, self.slo_s, self._margin, self._fitted, now, update_id)
+        if reason is Trigger.DRIFT:  # other lengths: the calibration is measured anew
+            self._calibration = 1.0
+        margin = self._margin / self._calibration
+        args = (reason, dist or self.prior, self.slo_s, margin, self._fitted, now, update_id)
         self._pending.append(self._executor.submit(self._solve, *args))
 
     def _solve(
@@ -346,6 +362,7 @@ class Controller:
             scales=self.current.scales,
             fitted_scales=self._fitted,
             margin=self._margin,
+            calibration=self._calibration,
             measured_p99_s=float(np.percentile(latencies, 99)) if latencies else None,
             measured_throughput_req_s=num_recent / self.config.throughput_window_s,
             slo_attainment=attainment,

@@ -121,6 +121,7 @@ class Adaptation:
             profile_scales=list(s.scales),
             fitted_scales=list(s.fitted_scales),
             bound_margin=s.margin,
+            latency_calibration=s.calibration,
             predicted_latency_s=s.schedule.predicted_latency_s,
             predicted_throughput_req_s=s.schedule.predicted_throughput_req_s,
             measured_p99_latency_s=s.measured_p99_s,

@@ -72,6 +72,7 @@ class AdaptationInfo(msgspec.Struct, frozen=True):
     profile_scales: list[float]  # [encode, decode] refit factors in use
     fitted_scales: list[float]  # [encode, decode] measured / predicted step time now
     bound_margin: float  # the planner aims at bound * margin (0.85, lowered by breaches)
+    latency_calibration: float  # measured / predicted p99 where the planner ran high
     predicted_latency_s: float | None
     predicted_throughput_req_s: float | None
     measured_p99_latency_s: float | None

@@ -68,7 +68,7 @@ def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phases", default="S,G,G,C2", help="paper tasks, one per phase")
     parser.add_argument(
         "--slos",
-        default="2x,2x,1.4x,2x",
+        default="2x,3x,2x,3x",
         help="bound set at each phase's start: seconds, 'none', or 'Nx' (N times the "
         "tightest bound the server can meet for the phase's lengths); default: G "
         "tightened, then loosened for C2",

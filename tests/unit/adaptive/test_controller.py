@@ -181,3 +181,30 @@ def test_the_plan_keeps_a_margin_under_the_bound(target: ServingTarget) -> None:
     (decision,) = settle(controller)
     assert decision.choice.is_feasible
     assert decision.choice.prediction.latency_s == pytest.approx(fastest)
+
+
+def test_latencies_far_below_the_prediction_loosen_the_plan(target: ServingTarget) -> None:
+    """Where the planner's model runs high, it picks needlessly slow schedules: measured
+    p99s well under the prediction calibrate it, and the next plan has more throughput."""
+    dist = LengthDistribution.from_task("C1")
+    loose = target.solve(dist, None).prediction.latency_s
+    bound = (loose + target.tightest_bound(dist)) / 2
+    controller, clock = make(target, dist, slo_s=bound)
+    before = controller.current.choice.prediction
+    ins, outs = dist.sample(20, np.random.default_rng(0))
+    for i, o in zip(ins, outs, strict=True):  # measured at half the prediction
+        controller.on_finished(int(i), int(o), before.latency_s / 2, clock.now)
+    clock.now += 2
+    assert controller.check() is Trigger.LATENCY
+    (decision,) = settle(controller)
+    assert controller.state().calibration == pytest.approx(0.5, rel=0.05)
+    assert decision.choice.prediction.throughput_req_s > before.throughput_req_s
+    assert bound < decision.choice.prediction.latency_s <= bound * controller.state().margin * 2
+    ins, outs = LengthDistribution.from_task("G").sample(100, np.random.default_rng(1))
+    as_calibrated = decision.choice.prediction.latency_s / 2
+    for i, o in zip(ins, outs, strict=True):  # other lengths, as calibrated: no new slack
+        controller.on_finished(int(i), int(o), as_calibrated, clock.now)
+    clock.now += 2
+    assert controller.check() is Trigger.DRIFT
+    settle(controller)
+    assert controller.state().calibration == 1.0  # measured anew for them
