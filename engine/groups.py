@@ -7,8 +7,8 @@ Every rank joins the default group (gloo), then makes the same groups in the sam
             without a WAA split; the default group then), where an idle worker may wait for
             hours: the driver bounds its own side of it
     side    the ranks of one side (engine.layout.Allocation): pipeline sends, T5's
-            broadcast of the encoder output; its timeout bounds the wait on a dead or hung
-            peer within a step
+            broadcast of the encoder output, the encode side's barrier before a hand-over;
+            its timeout bounds the wait on a dead or hung peer within a step
     tp      the tensor slices of one stage: their all-reduces
 
 WAA's hand-over (engine/handover.py) runs point to point on the default group, its waits

@@ -14,10 +14,10 @@ side, all point to point on the group's gloo transport (isend / irecv, nothing e
 A batch's KV travels as one message per (encode rank, decode rank) pair that holds the same
 tensor slice and some of the same layers: for each query, each shared layer, each tensor of
 the executor's `prompt_cache`, flattened in that order. Both ends derive the sizes from the
-prompt lengths, so no header goes with it. An encode rank sends the logits only after all
-its KV sends completed and, with several encode ranks, after a barrier on its side: the
-driver seeing a batch's logits means every decode rank has its KV, so placing the rows
-never waits on the encode side.
+prompt lengths, so no header goes with it. The logits go out only once every encode
+rank's KV sends completed (a barrier on the encode side when it has several ranks): when
+the driver sees a batch's logits, every decode rank has its KV or is reading it off the
+socket, so placing the rows never waits on the encode side's compute.
 
 Gloo's point-to-point Work reports completion only through wait(), so nothing can be
 polled: the driver's EncodeQueue waits on each batch in a thread, in order, and its step
