@@ -17,6 +17,11 @@ class Policy(enum.StrEnum):
     STATIC = "static"  # FasterTransformer-like: a batch decodes until its longest member ends
     CONTINUOUS = "continuous"  # ORCA/vLLM-like iteration-level scheduling
 
+    @property
+    def is_waa(self) -> bool:
+        """Encode and decode on separate workers (WAA-C and WAA-M differ in the split)."""
+        return self in (Policy.WAA_C, Policy.WAA_M)
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -62,10 +67,9 @@ class Schedule:
             )
         if self.tp_workers > self.num_workers:
             raise ValueError("Schedule.tp_workers cannot exceed num_workers")
-        is_waa = self.policy in (Policy.WAA_C, Policy.WAA_M)
-        if is_waa and not 0 < self.encode_workers < self.num_workers:
+        if self.policy.is_waa and not 0 < self.encode_workers < self.num_workers:
             raise ValueError("a WAA schedule needs 0 < encode_workers < num_workers")
-        if not is_waa and self.encode_workers:
+        if not self.policy.is_waa and self.encode_workers:
             raise ValueError("encode_workers applies to WAA schedules only")
 
     def describe(self) -> str:

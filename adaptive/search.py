@@ -150,8 +150,11 @@ class Plan:
         return self.prediction.schedule
 
 
-def subproblems(sc: Scenario, policies: Iterable[Policy]) -> list[Subproblem]:
-    """The (policy, TP degree, TP devices) runs, each with its knob grid."""
+def subproblems(
+    sc: Scenario, policies: Iterable[Policy], encode_workers: int = 0
+) -> list[Subproblem]:
+    """The (policy, TP degree, TP devices) runs, each with its knob grid; WAA's over the
+    splits its rule picks, or only `encode_workers` encode devices when that is > 0."""
     n = sc.cluster.num_devices
     degrees = sc.tp_degrees()
     out_max = sc.dist.max_output
@@ -165,8 +168,9 @@ def subproblems(sc: Scenario, policies: Iterable[Policy]) -> list[Subproblem]:
                     runs.append(Subproblem(policy, d, g, BATCH_GRID, nd_axis))
         elif policy in (Policy.WAA_C, Policy.WAA_M):
             for d in degrees:
+                splits = [encode_workers] if encode_workers else _waa_splits(sc, policy, d)
                 if n >= 2 * d:
-                    for n_e in _waa_splits(sc, policy, d):
+                    for n_e in (n_e for n_e in splits if n_e % d == 0 and n - n_e >= d):
                         # Divisors of the decode stage count: G * m = P_D exactly, so
                         # memory and latency move monotonically with m.
                         p_d = (n - n_e) // d
@@ -330,14 +334,16 @@ def solve_scenario(
     policies: Sequence[Policy] = EXEGPT_POLICIES,
     tolerance: float = TOLERANCE,
     exhaustive: bool = False,
+    encode_workers: int = 0,
 ) -> Plan:
-    """Best feasible schedule over `policies`; PlanningError when none meets the bound."""
+    """Best feasible schedule over `policies`; PlanningError when none meets the bound.
+    encode_workers > 0 holds WAA's split fixed (a running engine's)."""
     if slo_s is not None and not slo_s > 0:
         raise PlanningError(f"the latency bound must be positive, got {slo_s}")
     bound = math.inf if slo_s is None else slo_s
     start = time.perf_counter()
     search = _Search(sc, bound, tolerance)
-    for sub in subproblems(sc, policies):
+    for sub in subproblems(sc, policies, encode_workers):
         if exhaustive:
             search.exhaustive(sub)
         else:
@@ -383,7 +389,16 @@ def solve(
     tolerance: float = TOLERANCE,
     exhaustive: bool = False,
     batch_relation: BatchRelation = "little",
+    encode_workers: int = 0,
 ) -> Plan:
-    """The highest-throughput schedule whose latency stays under slo_s (None: unbounded)."""
+    """The highest-throughput schedule whose latency stays under slo_s (None: unbounded);
+    encode_workers > 0 holds WAA's split fixed."""
     sc = build_scenario(profile, cluster, dist, batch_relation=batch_relation)
-    return solve_scenario(sc, slo_s, policies=policies, tolerance=tolerance, exhaustive=exhaustive)
+    return solve_scenario(
+        sc,
+        slo_s,
+        policies=policies,
+        tolerance=tolerance,
+        exhaustive=exhaustive,
+        encode_workers=encode_workers,
+    )

@@ -8,6 +8,12 @@ a planned schedule is one the engine can run as planned:
     memory = weights + kv_per_token * num_slots * ctx_mean     (reserve 0)
     simulated KV = kv_per_token * (B_D * ctx_mean + B_E * in_mean) <= that  =>  B_D <= slots
 
+WAA plans over the engine's workers as devices of that memory each (exact for the rows with
+one decode worker, which holds them; with several the planned decode batch may exceed the
+rows, and the schedule's cap keeps it to them), without tensor parallelism (the engine's
+TP degree is its own). Its encode/decode split is chosen once, for the engine's start
+(`pinned`), and held: changing it would re-allocate the workers' layers (paper 7.6).
+
 `scales` refit the profile to what the engine measures (controller): each kind's table of
 ln seconds is shifted by ln(scale), which keeps the tables monotone and subadditive.
 """
@@ -49,12 +55,19 @@ class ServingTarget:
     profile: Profile
     num_slots: int
     policy: Policy
+    num_workers: int = 1  # the engine's model workers (WAA: the devices planned over)
+    tp_degree: int = 1  # the engine's; WAA's two sides are whole TP groups of it
+    encode_workers: int = 0  # WAA: the split held fixed; 0: the planner's rule picks it
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
-        if self.policy not in (Policy.RRA, Policy.STATIC, Policy.CONTINUOUS):
-            raise ValueError(f"a single engine runs rra, static or continuous, not {self.policy}")
+        if self.policy.is_waa and self.num_workers < 2 * self.tp_degree:
+            raise ValueError(
+                f"policy {self.policy.value} runs encode and decode on separate workers: it "
+                f"needs 2 or more TP groups of {self.tp_degree} (--workers), got "
+                f"{self.num_workers} workers"
+            )
 
     def scaled(self, encode_scale: float, decode_scale: float) -> Profile:
         tables = self.profile.tables.copy()  # [kind, tp, batch, length] ln seconds
@@ -66,7 +79,22 @@ class ServingTarget:
         probe = Cluster(1, 1, 1.0, LOOPBACK, LOOPBACK, memory_reserve=0.0)
         ctx_mean = float(build_scenario(profile, probe, dist).vector[K.S_CTX_MEAN])
         memory = profile.weight_bytes + profile.kv_bytes_per_token * self.num_slots * ctx_mean
-        return Cluster(1, 1, memory, LOOPBACK, LOOPBACK, memory_reserve=0.0, name="engine")
+        devices = self.num_workers if self.policy.is_waa else 1
+        return Cluster(
+            devices, 1, memory, LOOPBACK, LOOPBACK, host=LOOPBACK, memory_reserve=0.0, name="engine"
+        )
+
+    def pinned(self, dist: LengthDistribution, bound_s: float | None) -> ServingTarget:
+        """WAA: this target with the split the planner picks for `dist` and the bound,
+        rounded to whole TP groups, held fixed for the engine's life; other policies:
+        itself."""
+        if not self.policy.is_waa or self.encode_workers:
+            return self
+        tp = self.tp_degree
+        picked = self.solve(dist, bound_s).schedule.encode_workers
+        return replace(
+            self, encode_workers=min(max(round(picked / tp), 1) * tp, self.num_workers - tp)
+        )
 
     def solve(
         self,
@@ -77,11 +105,13 @@ class ServingTarget:
         """The best schedule for the bound; the lowest-latency one when none meets it."""
         profile = self.scaled(*scales)
         cluster = self.cluster(profile, dist)
+        policies, split = (self.policy,), self.encode_workers
         try:
-            plan = solve(profile, cluster, dist, bound_s, policies=(self.policy,))
+            plan = solve(profile, cluster, dist, bound_s, policies=policies, encode_workers=split)
             is_feasible = True
         except InfeasibleBound as exc:
-            plan = solve(profile, cluster, dist, exc.min_latency_s, policies=(self.policy,))
+            bound = exc.min_latency_s
+            plan = solve(profile, cluster, dist, bound, policies=policies, encode_workers=split)
             is_feasible = False
         schedule = plan.schedule
         capped = replace(

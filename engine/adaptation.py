@@ -139,12 +139,16 @@ def build_adaptive_engine(options: p.EngineOptions) -> Adaptation:
     torch.set_num_threads(options.num_threads or os.cpu_count() or 1)
     loaded = load_model(options.model, options.dtype)
     profile = serving_profile(loaded, options.profile)
-    target = ServingTarget(profile, options.max_num_seqs, Policy(options.policy))
     max_len = min(options.max_model_len, loaded.max_model_len)
+    prior = prior_lengths(max_len)
+    policy = Policy(options.policy)
+    target = ServingTarget(
+        profile, options.max_num_seqs, policy, options.num_workers, options.tp_degree
+    )
     controller = Controller(
-        target,
+        target.pinned(prior, options.slo_s),
         AdaptiveConfig(is_enabled=options.adapt),
-        prior_lengths(max_len),
+        prior,
         options.slo_s,
         max_len=max_len,
     )

@@ -27,6 +27,7 @@ from engine.bench_offline import (
     ENGINE_POLICIES,
     FULL_GRID,
     QUICK_GRID,
+    WAA_POLICIES,
     KnobGrid,
     RunResult,
     knob_settings,
@@ -34,17 +35,20 @@ from engine.bench_offline import (
     make_engine,
     profile_run,
     run_engine,
+    schedule_for,
     selection_records,
 )
 from engine.bench_serve import add_serve_bench_arguments
 from engine.efficiency import CATEGORIES, StepProfile, measure_ceiling
 from engine.llm_engine import LLMEngine
-from engine.model_loader import LoadedModel, load_model
+from engine.model_loader import load_model
 from engine.workloads import Query, make_prompts, read_lengths, task_queries
 
 logger = logging.getLogger(__name__)
 
-POLICIES = (*ENGINE_POLICIES, "hf")
+POLICIES = (*ENGINE_POLICIES, *WAA_POLICIES, "hf")
+DEFAULT_POLICIES = (*ENGINE_POLICIES, "hf")
+Setting = tuple[str, dict[str, int]]  # a policy and its knobs
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,8 +75,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     offline.add_argument(
         "--policies",
-        default=",".join(POLICIES),
-        help=f"comma-separated subset of {','.join(POLICIES)}",
+        default=",".join(DEFAULT_POLICIES),
+        help=f"comma-separated subset of {','.join(POLICIES)} (WAA needs --workers 2 or "
+        "more; default %(default)s)",
     )
     offline.add_argument("--quick", action="store_true", help="a small knob grid")
     offline.add_argument("--json", type=Path, default=None, help="write records here")
@@ -137,6 +142,8 @@ def _policies(text: str) -> list[str]:
 def run_offline(args: argparse.Namespace) -> int:
     policies = _policies(args.policies)
     grid = QUICK_GRID if args.quick else FULL_GRID
+    for policy in set(policies) & set(WAA_POLICIES):  # a split that cannot be: say so now
+        knob_settings(policy, grid, args.workers, args.tp)
     loaded = load_model(args.model, args.dtype)
     workloads = _workloads(args)
     torch.set_num_threads(args.num_threads or os.cpu_count() or 1)
@@ -202,34 +209,44 @@ def _profile_policies(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Each engine policy's best unbounded setting, profiled step by step."""
-    best = {
-        r["policy"]: r["knobs"]
+    best = [
+        (r["policy"], r["knobs"])
         for r in records
-        if r["bound"] == "none" and r["policy"] in ENGINE_POLICIES and r["knobs"]
-    }
+        if r["bound"] == "none" and r["policy"] in ENGINE_POLICIES + WAA_POLICIES and r["knobs"]
+    ]
     if not best:
         return {}
-    max_batch = max(_batch_of(k) for k in best.values())
-    engine = make_engine(
-        loaded,
-        queries,
-        max_batch,
-        args.num_threads,
-        not args.strict_alternation,
-        num_workers=args.workers,
-        tp_degree=args.tp,
-    )
+    max_batch = max(_batch_of(knobs) for _, knobs in best)
     profiles = {}
-    with engine:
-        for policy, knobs in best.items():
-            result = profile_run(engine, policy, knobs, prompts, queries, args.profile_steps)
-            print_step_profile(policy, knobs, result)
-            profiles[policy] = {"knobs": knobs, **result.as_dict()}
+    for group in _by_split(best):
+        first = schedule_for(*group[0], args.workers)
+        engine = make_engine(
+            loaded,
+            queries,
+            max_batch,
+            args.num_threads,
+            not args.strict_alternation,
+            num_workers=args.workers,
+            tp_degree=args.tp,
+            schedule=first,
+        )
+        with engine:
+            for policy, knobs in group:
+                result = profile_run(engine, policy, knobs, prompts, queries, args.profile_steps)
+                print_step_profile(policy, knobs, result)
+                profiles[policy] = {"knobs": knobs, **result.as_dict()}
     return profiles
 
 
 def _batch_of(knobs: dict[str, int]) -> int:
     return knobs.get("max_batch") or knobs["batch_size"]
+
+
+def _by_split(settings: Sequence[Setting]) -> list[list[Setting]]:
+    """The settings grouped by the worker split they need (WAA's encode workers; 0 for the
+    other policies), in order: one engine serves each group."""
+    splits = sorted({knobs.get("encode_workers", 0) for _, knobs in settings})
+    return [[s for s in settings if s[1].get("encode_workers", 0) == split] for split in splits]
 
 
 def sweep(
@@ -247,66 +264,84 @@ def sweep(
     tp_degree: int = 1,
 ) -> list[RunResult]:
     """Every knob setting of every chosen policy, plus static's bound-setting batch sizes."""
-    plan = [(p, k) for p in ENGINE_POLICIES if p in policies for k in knob_settings(p, grid)]
+    plan: list[Setting] = [
+        (p, k)
+        for p in ENGINE_POLICIES + WAA_POLICIES
+        if p in policies
+        for k in knob_settings(p, grid, num_workers, tp_degree)
+    ]
     if "static" not in policies:  # the bounds always come from static batching
         plan = [("static", k) for k in knob_settings("static", QUICK_GRID)] + plan
-    if "hf" in policies:
-        plan += [("hf", {"batch_size": b}) for b in grid.static]
-    engine = make_engine(
-        loaded, queries, grid.max_batch, num_threads, carry_decode, num_workers, tp_degree
-    )
-    results = []
-    with engine:
-        warm_up(engine, loaded, task, queries, prompts, hf="hf" in policies)
-        for number, (policy, knobs) in enumerate(
-            tqdm(plan, desc=f"bench {task}", disable=not progress)
-        ):
-            if policy == "hf":
-                result = run_hf_static(loaded, task, knobs["batch_size"], queries, prompts)
-            else:
-                run_id = f"{task}-{number}"
-                result = run_engine(engine, task, policy, knobs, queries, prompts, run_id)
-            logger.info(
-                "%s %s %s: %.3f req/s, p99 %.2f s",
-                task,
-                result.policy,
-                result.knobs,
-                result.throughput_req_s,
-                result.latency_percentile_s(99),
-            )
-            results.append(result)
+    hf_batches = grid.static if "hf" in policies else ()
+    bar = tqdm(total=len(plan) + len(hf_batches), desc=f"bench {task}", disable=not progress)
+    results: list[RunResult] = []
+    for group in _by_split(plan):
+        first = schedule_for(*group[0], num_workers)
+        engine = make_engine(
+            loaded,
+            queries,
+            grid.max_batch,
+            num_threads,
+            carry_decode,
+            num_workers,
+            tp_degree,
+            first,
+        )
+        with engine:
+            is_split = bool(group[0][1].get("encode_workers"))
+            warm_up(engine, task, queries, prompts, group[0] if is_split else None)
+            for policy, knobs in group:
+                run_id = f"{task}-{len(results)}"
+                results.append(run_engine(engine, task, policy, knobs, queries, prompts, run_id))
+                _log_run(results[-1])
+                bar.update()
+    if hf_batches:
+        warm_up_hf(loaded, prompts)
+        for batch in hf_batches:
+            results.append(run_hf_static(loaded, task, batch, queries, prompts))
+            _log_run(results[-1])
+            bar.update()
+    bar.close()
     return results
+
+
+def _log_run(result: RunResult) -> None:
+    logger.info(
+        "%s %s %s: %.3f req/s, p99 %.2f s",
+        result.task,
+        result.policy,
+        result.knobs,
+        result.throughput_req_s,
+        result.latency_percentile_s(99),
+    )
 
 
 def warm_up(
     engine: LLMEngine,
-    loaded: LoadedModel,
     task: str,
     queries: Sequence[Query],
     prompts: Sequence[list[int]],
-    *,
-    hf: bool,
+    setting: Setting | None = None,
 ) -> None:
-    """One-time kernel setup must not land in a measured run."""
+    """One-time kernel setup must not land in a measured run: a few queries first, under
+    `setting` (default continuous batching; WAA's split workers need a WAA one)."""
     warm = min(8, len(queries))
-    run_engine(
-        engine,
-        task,
-        "continuous",
-        {"max_batch": warm},
-        queries[:warm],
-        prompts[:warm],
-        f"{task}-warmup",
-    )
-    if hf:
-        warm_up_hf(loaded, prompts)
+    policy, knobs = setting or ("continuous", {"max_batch": warm})
+    run_engine(engine, task, policy, knobs, queries[:warm], prompts[:warm], f"{task}-warmup")
 
 
 # -- output ------------------------------------------------------------------------------
 def _knobs_text(knobs: dict[str, int] | None) -> str:
     if knobs is None:
         return "NS"
-    short = {"batch_size": "B", "max_batch": "max", "encode_batch": "B_E", "decode_iters": "N_D"}
+    short = {
+        "batch_size": "B",
+        "max_batch": "max",
+        "encode_batch": "B_E",
+        "decode_iters": "N_D",
+        "decode_microbatches": "B_m",
+        "encode_workers": "enc",
+    }
     return " ".join(f"{short.get(k, k)}={v}" for k, v in knobs.items())
 
 

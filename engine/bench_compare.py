@@ -36,7 +36,7 @@ from adaptive.distributions import LengthDistribution
 from adaptive.profile import parse_profile
 from engine.bench import warm_up
 from engine.bench_fidelity import machine_cluster, machine_profile, planned_knobs
-from engine.bench_hf import run_hf_static
+from engine.bench_hf import run_hf_static, warm_up_hf
 from engine.bench_offline import (
     BOUND_BATCHES,
     FULL_GRID,
@@ -100,7 +100,8 @@ def compare_task(
     progress: bool = True,
 ) -> dict[str, Any]:
     engine = make_engine(loaded, queries, grid.max_batch, num_threads)
-    warm_up(engine, loaded, task, queries, prompts, hf=True)
+    warm_up(engine, task, queries, prompts)
+    warm_up_hf(loaded, prompts)
 
     def run(trial: Trial, run_id: str) -> RunResult:
         if trial.system == "exegpt":

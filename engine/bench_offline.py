@@ -7,6 +7,9 @@ is queries (and output tokens) over the run's makespan. The latency bounds are t
 30th and 70th percentiles of static batching's p99 latencies over batch sizes 4, 8, 16, 32,
 plus unbounded; for each policy and bound the best throughput whose p99 meets the bound
 is reported, or nothing ("NS", not satisfiable) when no setting meets it.
+
+WAA (2 workers or more) sweeps B_E, the decoder micro-batches and the encode/decode split;
+its query latency starts when the query is handed to the encode workers.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 
 from adaptive.schedule import Policy, Schedule
 from engine.efficiency import ModelWork, StepProfile, needed_tokens, profile_steps
-from engine.llm_engine import EngineConfig, LLMEngine, StepTiming
+from engine.llm_engine import EngineConfig, LLMEngine, StepTiming, default_schedule
 from engine.model_loader import LoadedModel
 from engine.sampling import SamplingParams
 from engine.workloads import Query
@@ -30,7 +33,10 @@ logger = logging.getLogger(__name__)
 
 BOUND_BATCHES = (4, 8, 16, 32)  # static batch sizes the bounds are derived from
 BOUND_PERCENTILES = (10, 30, 70)
-ENGINE_POLICIES = ("static", "continuous", "rra")
+ENGINE_POLICIES = ("static", "continuous", "rra")  # run on any number of workers
+# encode and decode on separate workers (2 or more). The sweep tries every split, so both
+# run the same settings: they differ only in how a planner picks the split.
+WAA_POLICIES = ("waa_c", "waa_m")
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class KnobGrid:
     continuous: tuple[int, ...]  # max running batch
     rra: tuple[tuple[int, int], ...]  # (B_E, N_D)
     rra_max_batch: int  # cap on RRA's running decode batch
+    waa: tuple[int, ...] = ()  # B_E (micro-batches and splits follow from the workers)
+    waa_max_batch: int = 0  # cap on WAA's running decode batch
 
     def __post_init__(self) -> None:
         missing = set(BOUND_BATCHES) - set(self.static)
@@ -47,7 +55,7 @@ class KnobGrid:
 
     @property
     def max_batch(self) -> int:
-        return max(*self.static, *self.continuous, self.rra_max_batch)
+        return max(*self.static, *self.continuous, self.rra_max_batch, self.waa_max_batch)
 
 
 # RRA's admission rate is B_E / N_D queries per iteration: small rates keep the running batch
@@ -57,12 +65,16 @@ FULL_GRID = KnobGrid(
     continuous=(4, 8, 16, 32, 64),
     rra=tuple((be, nd) for be in (1, 2, 4, 8, 16, 32) for nd in (1, 2, 4, 8, 16)),
     rra_max_batch=64,
+    waa=(1, 2, 4, 8, 16, 32),
+    waa_max_batch=64,
 )
 QUICK_GRID = KnobGrid(
     static=BOUND_BATCHES,
     continuous=(8, 16, 32),
     rra=((1, 2), (1, 4), (1, 8), (2, 4), (4, 4), (8, 4), (16, 4)),
     rra_max_batch=32,
+    waa=(1, 2, 4, 8, 16),
+    waa_max_batch=32,
 )
 
 
@@ -155,7 +167,7 @@ class RunResult:
         }
 
 
-def schedule_for(policy: str, knobs: dict[str, int]) -> Schedule:
+def schedule_for(policy: str, knobs: dict[str, int], num_workers: int = 1) -> Schedule:
     if policy == "static":
         batch = knobs["batch_size"]
         return Schedule(Policy.STATIC, encode_batch=batch, max_batch=batch)
@@ -168,10 +180,23 @@ def schedule_for(policy: str, knobs: dict[str, int]) -> Schedule:
             decode_iters=knobs["decode_iters"],
             max_batch=knobs["max_batch"],
         )
-    raise ValueError(f"unknown engine policy {policy!r}; choose from {ENGINE_POLICIES}")
+    if policy in WAA_POLICIES:
+        return Schedule(
+            Policy(policy),
+            encode_batch=knobs["encode_batch"],
+            max_batch=knobs["max_batch"],
+            decode_microbatches=knobs["decode_microbatches"],
+            num_workers=num_workers,
+            encode_workers=knobs["encode_workers"],
+        )
+    raise ValueError(
+        f"unknown engine policy {policy!r}; choose from {ENGINE_POLICIES + WAA_POLICIES}"
+    )
 
 
-def knob_settings(policy: str, grid: KnobGrid) -> list[dict[str, int]]:
+def knob_settings(
+    policy: str, grid: KnobGrid, num_workers: int = 1, tp_degree: int = 1
+) -> list[dict[str, int]]:
     if policy == "static":
         return [{"batch_size": b} for b in grid.static]
     if policy == "continuous":
@@ -181,7 +206,36 @@ def knob_settings(policy: str, grid: KnobGrid) -> list[dict[str, int]]:
             {"encode_batch": be, "decode_iters": nd, "max_batch": grid.rra_max_batch}
             for be, nd in grid.rra
         ]
-    raise ValueError(f"unknown engine policy {policy!r}; choose from {ENGINE_POLICIES}")
+    if policy in WAA_POLICIES:
+        return [
+            {
+                "encode_batch": be,
+                "decode_microbatches": micro,
+                "encode_workers": encode,
+                "max_batch": grid.waa_max_batch,
+            }
+            for encode in waa_splits(policy, num_workers, tp_degree)
+            # one micro-batch, or one per decode stage
+            for micro in sorted({1, (num_workers - encode) // tp_degree})
+            for be in grid.waa
+        ]
+    raise ValueError(
+        f"unknown engine policy {policy!r}; choose from {ENGINE_POLICIES + WAA_POLICIES}"
+    )
+
+
+def waa_splits(policy: str, num_workers: int, tp_degree: int) -> list[int]:
+    """The encode worker counts WAA can run with on these workers: whole TP groups on
+    either side."""
+    if num_workers < 2:
+        raise ValueError(
+            f"policy {policy} runs encode and decode on separate workers: it needs "
+            f"--workers 2 or more, got {num_workers}"
+        )
+    splits = list(range(tp_degree, num_workers, tp_degree))
+    if not splits:
+        raise ValueError(f"{num_workers} workers in TP groups of {tp_degree} leave no WAA split")
+    return splits
 
 
 def make_engine(
@@ -192,8 +246,10 @@ def make_engine(
     carry_decode: bool = True,
     num_workers: int = 1,
     tp_degree: int = 1,
+    schedule: Schedule | None = None,
 ) -> LLMEngine:
-    """One engine per workload, reused by every run (only its schedule changes); the
+    """One engine per workload and worker split, reused by every run whose schedule splits
+    the workers alike (`schedule`: the first; WAA's split lasts the engine's life); the
     caller closes it (it may hold worker processes)."""
     config = EngineConfig(
         model=loaded.name,
@@ -205,6 +261,7 @@ def make_engine(
         carry_decode=carry_decode,
         num_workers=num_workers,
         tp_degree=tp_degree,
+        schedule=schedule or default_schedule(),
     )
     return LLMEngine(config, model=loaded)
 
@@ -221,7 +278,8 @@ def run_engine(
     """Run every query under one schedule; all are queued before the first step."""
     if engine.has_unfinished():
         raise RuntimeError("the engine must be idle before a benchmark run")
-    engine.set_schedule(schedule_for(policy, knobs))  # idle: applies at the first step
+    # idle: applies at the first step
+    engine.set_schedule(schedule_for(policy, knobs, engine.config.num_workers))
     latencies: list[float] = []
     finished_at: list[float] = []
     steps: list[StepTiming] = []
@@ -276,7 +334,7 @@ def profile_run(
     """Where the steps of one schedule spend their time: the first `max_steps` of a run."""
     if engine.has_unfinished():
         raise RuntimeError("the engine must be idle before a profiled run")
-    engine.set_schedule(schedule_for(policy, knobs))
+    engine.set_schedule(schedule_for(policy, knobs, engine.config.num_workers))
     ids = [f"profile-{i}" for i in range(len(queries))]
     for request_id, query, prompt in zip(ids, queries, prompts, strict=True):
         engine.add_request(

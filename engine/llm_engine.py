@@ -1,7 +1,9 @@
 """LLMEngine: requests in, token deltas out, one scheduler step at a time.
 
 The engine is synchronous and single-threaded; whoever drives it (the engine process, a
-benchmark, `exegpt generate`) calls `step()` in a loop while `has_unfinished()`.
+benchmark, `exegpt generate`) calls `step()` in a loop while `has_unfinished()`. Under a
+WAA schedule its workers are split into encode and decode workers for the engine's life,
+and its steps are the decode side's (engine/waa.py).
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ import torch
 
 from adaptive.schedule import Policy, Schedule
 from engine.detokenizer import DetokenizerState, next_text
+from engine.layout import Allocation
 from engine.model_loader import LoadedModel, load_model
 from engine.models import ModelExecutor, build_executor
-from engine.parallel import Layout
 from engine.protocol import WorkerSpec
 from engine.request import Request
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Phase, Scheduler, StepPlan
-from engine.workers import WorkerGroup
+from engine.waa import WaaRunner, WaaScheduler
+from engine.workers import WorkerFailure, WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +47,8 @@ class EngineConfig:
     # encoding phases carry the running batch's decoding iteration (Scheduler.carry_decode)
     carry_decode: bool = True
     # model worker processes (engine/workers.py): num_workers / tp_degree pipeline stages of
-    # tp_degree tensor slices each; 1 worker runs the model in this process
+    # tp_degree tensor slices each; 1 worker runs the model in this process. A WAA schedule
+    # spans them all, its encode_workers encoding apart (`allocation`)
     num_workers: int = 1
     tp_degree: int = 1
     worker_timeout_s: float = 300.0  # longest wait on another worker within a step
@@ -56,9 +60,23 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
-        Layout(self.num_workers, self.tp_degree)  # raises on a layout that cannot be built
+        self.allocation_for(self.schedule)  # raises on workers that cannot be laid out
         if self.worker_timeout_s <= 0:
             raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+
+    def allocation_for(self, schedule: Schedule) -> Allocation:
+        """How `schedule` splits the workers (WAA: its encode workers); ValueError if it
+        cannot run on them."""
+        policy = schedule.policy
+        if not policy.is_waa:
+            return Allocation(self.num_workers, self.tp_degree)
+        if schedule.num_workers != self.num_workers:
+            raise ValueError(
+                f"policy {policy.value} runs encode and decode on separate workers: its "
+                f"schedule spans {schedule.num_workers}, the engine has {self.num_workers} "
+                "(--workers)"
+            )
+        return Allocation(self.num_workers, self.tp_degree, schedule.encode_workers)
 
     @property
     def threads_per_worker(self) -> int:
@@ -101,12 +119,14 @@ class StepCounters:
     decode_s: float = 0.0
 
     def record(self, plan: StepPlan, seconds: float) -> None:
+        # WAA: the encode workers encode what is handed to them, outside the step's time
+        self.prompt_tokens += sum(r.num_prompt_tokens for r in plan.dispatched)
         if plan.phase is Phase.ENCODE:
             self.encode_steps += 1
             self.prompt_tokens += sum(r.num_prompt_tokens for r in plan.requests)
             self.decode_rows += len(plan.carried)
             self.encode_s += seconds
-        else:
+        elif plan.requests:  # (a WAA step without rows waited for the encode workers)
             self.decode_steps += 1
             self.decode_rows += len(plan.requests)
             self.decode_s += seconds
@@ -136,6 +156,7 @@ class LLMEngine:
         torch.set_num_threads(config.threads_per_worker)
         self.model = model or load_model(config.model, config.dtype)
         self.max_model_len = min(config.max_model_len, self.model.max_model_len)
+        self.allocation = config.allocation_for(config.schedule)
         self.workers: WorkerGroup | None = None
         executor: ModelExecutor
         if config.num_workers > 1:
@@ -148,17 +169,22 @@ class LLMEngine:
                 tp_degree=config.tp_degree,
                 num_threads=config.threads_per_worker,
                 timeout_s=config.worker_timeout_s,
+                encode_workers=self.allocation.encode_workers,
             )
             executor = self.workers = WorkerGroup(self.model, spec)
         else:
             executor = build_executor(self.model, config.max_num_seqs, self.max_model_len)
-        self.runner = ModelRunner(executor, self.model.is_encoder_decoder)
-        self.scheduler = Scheduler(
-            config.schedule,
-            config.max_num_seqs,
-            self.model.eos_token_ids,
-            carry_decode=config.carry_decode,
-        )
+        eos_ids = self.model.eos_token_ids
+        self.runner: ModelRunner
+        self.scheduler: Scheduler
+        if self.workers is not None and self.allocation.encode_workers:
+            self.runner = WaaRunner(self.workers, self.model.is_encoder_decoder)
+            self.scheduler = WaaScheduler(config.schedule, config.max_num_seqs, eos_ids)
+        else:
+            self.runner = ModelRunner(executor, self.model.is_encoder_decoder)
+            self.scheduler = Scheduler(
+                config.schedule, config.max_num_seqs, eos_ids, carry_decode=config.carry_decode
+            )
         self._detok: dict[str, DetokenizerState] = {}
         self._aborted: list[Request] = []
         self.counters = StepCounters()
@@ -194,6 +220,12 @@ class LLMEngine:
         return bool(self.scheduler.num_unfinished or self._aborted)
 
     def set_schedule(self, schedule: Schedule) -> None:
+        if self.config.allocation_for(schedule) != self.allocation:
+            raise ValueError(
+                f"{schedule.describe()} splits the workers otherwise than "
+                f"{self.scheduler.schedule_value.describe()}: re-allocating their layers "
+                "needs a new engine"
+            )
         self.scheduler.set_schedule(schedule)
 
     def stats(self) -> EngineStats:
@@ -211,15 +243,22 @@ class LLMEngine:
         if plan is None:
             return outputs
         start = time.perf_counter()
-        tokens = self.runner.execute(plan)
+        try:
+            result = self.runner.execute(plan)
+        except WorkerFailure:  # the caches went with the group
+            self._aborted += self.scheduler.fail_started()
+            raise
         seconds = time.perf_counter() - start
         self.counters.record(plan, seconds)
-        is_encode = plan.phase is Phase.ENCODE
-        lengths = [
-            r.num_prompt_tokens if is_encode else self.runner.context_len(r) for r in plan.requests
-        ]
-        self.last_step = StepTiming(is_encode, len(lengths), sum(lengths) / len(lengths), seconds)
-        for request in self.scheduler.update(plan, tokens):
+        if plan.requests:  # (a WAA step may only have waited for the encode workers)
+            is_encode = plan.phase is Phase.ENCODE
+            lengths = [
+                r.num_prompt_tokens if is_encode else self.runner.context_len(r)
+                for r in plan.requests
+            ]
+            mean = sum(lengths) / len(lengths)
+            self.last_step = StepTiming(is_encode, len(lengths), mean, seconds)
+        for request in self.scheduler.update(plan, result):
             text = self._new_text(request)
             outputs.append(self._output(request, request.output_ids[-1:], text))
         return outputs

@@ -12,9 +12,9 @@ the tensor slices sum their row-parallel products with an all-reduce. The last s
 tensor rank 0 sends the logits to the driver (unless it is the driver). All shapes follow
 from the step's inputs, so plain send/recv of fixed-size tensors is enough.
 
-A decoder-only step goes down the pipeline as one micro-batch per stage, each a run of the
-step's new queries and of its running rows (attention never mixes rows), with sends that
-do not wait, so the stages compute at once:
+A decoder-only step goes down the pipeline as micro-batches (one per stage unless the step
+says how many), each a run of the step's new queries and of its running rows (attention
+never mixes rows), with sends that do not wait, so the stages compute at once:
 
     stage 0:  mb0 mb1 mb2
     stage 1:      mb0 mb1 mb2
@@ -24,106 +24,57 @@ An encoder-decoder model (T5, pipeline stages only) makes two passes of one micr
 the encoder blocks over the new queries, whose output every stage needs for its
 cross-attention, then the decoder step.
 
-The default group carries the step broadcast, where an idle worker may wait for hours (the
-driver bounds its own side of it); the step's traffic runs on groups whose timeout bounds
-the wait on a dead or hung peer.
+Under WAA (`Allocation` with encode workers) the group is two such pipelines side by side:
+the driver's side decodes, step by step as above; the encode side runs the same stages on
+each encode batch it is handed and passes the prompts' KV on (engine/handover.py). The
+groups the ranks compute in are in engine/groups.py.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING
 
-import msgspec
 import torch
 import torch.distributed as dist
 
+from engine.handover import Incoming, expect_prompts
+from engine.layout import Allocation, Layout, split_evenly
 from engine.model_loader import LoadedModel
 from engine.models.base import EncodeItem
-from engine.models.decoder_only import (
-    TP_ARCHS,
-    DecoderOnlyExecutor,
-    StepBatch,
-    TensorSlice,
-    num_layers,
-)
+from engine.models.decoder_only import DecoderOnlyExecutor, StepBatch, TensorSlice, num_layers
 from engine.models.t5 import T5Executor
-from engine.protocol import WorkerStep
+from engine.protocol import EncodeOrder, WorkerStep
 
-IDLE_TIMEOUT = timedelta(days=30)  # a worker waits this long for the next step
-
-
-def split_evenly(total: int, parts: int) -> list[range]:
-    """[0, total) in `parts` contiguous ranges; the first `total % parts` have one more."""
-    base, extra = divmod(total, parts)
-    starts = [p * base + min(p, extra) for p in range(parts + 1)]
-    return [range(starts[p], starts[p + 1]) for p in range(parts)]
-
-
-@dataclass(frozen=True)
-class Layout:
-    num_workers: int
-    tp_degree: int
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 1 or self.tp_degree < 1:
-            raise ValueError("the number of workers and the TP degree must be >= 1")
-        if self.num_workers % self.tp_degree:
-            raise ValueError(
-                f"{self.num_workers} workers do not split into tensor-parallel groups of "
-                f"{self.tp_degree}"
-            )
-
-    @property
-    def num_stages(self) -> int:
-        return self.num_workers // self.tp_degree
-
-    def stage(self, rank: int) -> int:
-        return rank // self.tp_degree
-
-    def layers(self, stage: int, total: int) -> range:
-        """Contiguous layers of a stage; the first `total % stages` stages take one more."""
-        return split_evenly(total, self.num_stages)[stage]
-
-    def check(self, loaded: LoadedModel) -> None:
-        """Raise ValueError with one clear line if `loaded` cannot run on this layout."""
-        if self.num_workers == 1:
-            return
-        cfg = loaded.model.config
-        tp = self.tp_degree
-        if tp > 1 and cfg.model_type not in TP_ARCHS:
-            raise ValueError(
-                f"tensor parallelism supports {', '.join(sorted(TP_ARCHS))}, "
-                f"not {cfg.model_type}; use pipeline stages (--tp 1)"
-            )
-        if tp > 1 and (cfg.num_key_value_heads % tp or cfg.intermediate_size % tp):
-            raise ValueError(
-                f"tensor parallelism {self.tp_degree} must divide the KV heads "
-                f"({cfg.num_key_value_heads}) and the MLP width ({cfg.intermediate_size})"
-            )
-        depth = min(
-            num_layers(loaded), getattr(cfg, "num_decoder_layers", None) or num_layers(loaded)
-        )
-        if self.num_stages > depth:
-            raise ValueError(f"{self.num_stages} pipeline stages exceed the model's {depth} layers")
+if TYPE_CHECKING:
+    from engine.groups import RankGroups
 
 
 class StageWorker(ABC):
-    """One rank's share of every step (the driver's included): its layers, its heads."""
+    """One rank's share of every step (the driver's included): its layers, its heads.
+
+    On the driver's side a step's logits go to the driver; on WAA's encode side they stay
+    on the last stage, which hands them over itself. A decode rank of a WAA group also
+    keeps the encode batches announced to it, until their rows are placed (`incoming`)."""
 
     executor: DecoderOnlyExecutor | T5Executor
+    num_model_layers: int  # the model's layers with a KV cache (T5: its decoder blocks)
+    cache_layers: range  # those this rank holds
 
-    def __init__(self, layout: Layout, vocab_size: int, groups: tuple[Any, list[Any]]) -> None:
+    def __init__(self, layout: Layout, vocab_size: int, groups: RankGroups) -> None:
         self.rank = dist.get_rank()
         self.layout = layout
         self.stage = layout.stage(self.rank)
-        self.data_group, self.tp_groups = groups
+        self.groups = groups
         self.vocab_size = vocab_size
-        self.last_rank = (layout.num_stages - 1) * layout.tp_degree  # sends the logits
+        self.last_rank = layout.last_rank
+        self.is_driver_side = layout.first_rank == 0
+        self.incoming: deque[Incoming] = deque()
+        self.expect: Callable[[list[int]], Incoming] | None = None  # set by make_stage
 
     @property
     def is_last_stage(self) -> bool:
@@ -131,17 +82,39 @@ class StageWorker(ABC):
 
     @torch.inference_mode()
     def run(self, step: WorkerStep) -> torch.Tensor | None:
-        """This rank's part of the step; the logits where this rank is the driver."""
+        """This rank's part of the step; the logits where this rank is the driver. Order:
+        the moves (rows compacted), the arrived encode batches (rows placed after them),
+        the forward."""
         for src, dst, length in step.moves:
             self.executor.move_slot(src, dst, length)
+        if step.encodes or step.installs:
+            assert self.expect is not None, "an encode batch announced without encode workers"
+            self.incoming.extend(self.expect(lens) for lens in step.encodes)
+            for rows in step.installs:
+                self.incoming.popleft().install(self.executor, rows)
+        if not (step.items or step.token_ids):
+            return torch.empty(0, self.vocab_size) if self.rank == 0 else None
         items = [EncodeItem(slot, ids) for slot, ids in step.items]
-        return self.forward(items, step.token_ids, step.context_lens)
+        return self.forward(items, step.token_ids, step.context_lens, step.num_microbatches)
+
+    @torch.inference_mode()
+    def encode(self, order: EncodeOrder) -> torch.Tensor | None:
+        """WAA's encode side: encode a batch, query i into cache row i; returns the first
+        tokens' logits [queries, vocab] on the last stage (None elsewhere)."""
+        items = [EncodeItem(row, prompt) for row, prompt in enumerate(order.prompts)]
+        return self.forward(items, [], [])
 
     @abstractmethod
     def forward(
-        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+        self,
+        items: list[EncodeItem],
+        token_ids: list[int],
+        context_lens: list[int],
+        num_microbatches: int = 0,
     ) -> torch.Tensor | None:
-        """ModelExecutor.forward's arguments; returns the logits on the driver only."""
+        """ModelExecutor.forward's arguments and the micro-batches to cut the step into (0:
+        one per stage); returns the logits on the driver, or, on WAA's encode side, on the
+        last stage."""
 
     def _pipe(self, passes: list[Pass], dtype: torch.dtype) -> list[torch.Tensor]:
         """Micro-batches down the pipeline: stage 0 computes each pass's `first()`, later
@@ -156,7 +129,7 @@ class StageWorker(ABC):
                 h = p.first()
             else:
                 h = torch.empty(p.shape, dtype=dtype)
-                dist.recv(h, src=self.rank - tp, group=self.data_group)
+                dist.recv(h, src=self.rank - tp, group=self.groups.side)
             h = p.layers(h)
             if not self.is_last_stage:
                 sends.append(self._isend(h, self.rank + tp))
@@ -166,18 +139,18 @@ class StageWorker(ABC):
         return outs
 
     def _isend(self, tensor: torch.Tensor, dst: int) -> dist.Work:
-        work = dist.isend(tensor, dst=dst, group=self.data_group)
-        assert work is not None  # every rank is in the data group
+        work = dist.isend(tensor, dst=dst, group=self.groups.side)
+        assert work is not None  # every rank is in its side's group
         return work
 
     def _deliver(
         self, logits: list[Callable[[], torch.Tensor]], num_rows: list[int]
     ) -> list[torch.Tensor] | None:
         """Each micro-batch's logits, computed by the last stage and received by the driver
-        (None on every other rank)."""
+        (None on every other rank); on WAA's encode side, kept by the last stage."""
         if self.rank == self.last_rank:
             outs = [compute() for compute in logits]
-            if self.rank == 0:
+            if self.rank == 0 or not self.is_driver_side:
                 return outs
             for work in [self._isend(out, 0) for out in outs]:
                 work.wait()
@@ -185,7 +158,7 @@ class StageWorker(ABC):
             return None
         outs = [torch.empty(rows, self.vocab_size) for rows in num_rows]  # [rows, vocab] f32
         for out in outs:
-            dist.recv(out, src=self.last_rank, group=self.data_group)
+            dist.recv(out, src=self.last_rank, group=self.groups.side)
         return outs
 
 
@@ -205,23 +178,30 @@ class DecoderOnlyStage(StageWorker):
         layout: Layout,
         num_slots: int,
         max_len: int,
-        groups: tuple[Any, list[Any]],
+        groups: RankGroups,
     ) -> None:
         super().__init__(layout, loaded.vocab_size, groups)
         tp = None
         if layout.tp_degree > 1:
-            reduce = partial(dist.all_reduce, group=self.tp_groups[self.stage])
-            tp = TensorSlice(self.rank % layout.tp_degree, layout.tp_degree, reduce)
-        layers = layout.layers(self.stage, num_layers(loaded))
+            reduce = partial(dist.all_reduce, group=groups.tp)
+            tp = TensorSlice(layout.tp_rank(self.rank), layout.tp_degree, reduce)
+        self.num_model_layers = num_layers(loaded)
+        self.cache_layers = layout.layers(self.stage, self.num_model_layers)
         self.executor: DecoderOnlyExecutor = DecoderOnlyExecutor(
-            loaded, num_slots, max_len, layers, tp
+            loaded, num_slots, max_len, self.cache_layers, tp
         )
 
     def forward(
-        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+        self,
+        items: list[EncodeItem],
+        token_ids: list[int],
+        context_lens: list[int],
+        num_microbatches: int = 0,
     ) -> torch.Tensor | None:
         ex = self.executor
-        parts = self._micro_batches(items, token_ids, context_lens)
+        parts = self._micro_batches(
+            items, token_ids, context_lens, num_microbatches or self.layout.num_stages
+        )
         passes = [
             Pass(partial(ex.embed, b), partial(ex.run_layers, b), (b.num_tokens, ex.hidden_size))
             for b in parts
@@ -240,11 +220,10 @@ class DecoderOnlyStage(StageWorker):
         return torch.cat(queries + rows)
 
     def _micro_batches(
-        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int], parts: int
     ) -> list[StepBatch]:
-        """One micro-batch per stage (fewer when the step has fewer queries and rows):
+        """`parts` micro-batches (fewer when the step has fewer queries and rows):
         contiguous runs of the queries to encode and of the running rows."""
-        parts = self.layout.num_stages
         ranges = zip(
             split_evenly(len(items), parts), split_evenly(len(token_ids), parts), strict=True
         )
@@ -263,7 +242,7 @@ class DecoderOnlyStage(StageWorker):
 class T5Stage(StageWorker):
     """Two passes down the pipeline per step: the encoder over the new queries, whose output
     the last stage broadcasts (every stage projects it into its own cross-attention cache),
-    then the decoder step."""
+    then the decoder step, one micro-batch each."""
 
     def __init__(
         self,
@@ -271,20 +250,26 @@ class T5Stage(StageWorker):
         layout: Layout,
         num_slots: int,
         max_len: int,
-        groups: tuple[Any, list[Any]],
+        groups: RankGroups,
     ) -> None:
         super().__init__(layout, loaded.vocab_size, groups)
         cfg = loaded.model.config
+        self.num_model_layers = cfg.num_decoder_layers
+        self.cache_layers = layout.layers(self.stage, self.num_model_layers)
         self.executor: T5Executor = T5Executor(
             loaded,
             num_slots,
             max_len,
             layout.layers(self.stage, cfg.num_layers),
-            layout.layers(self.stage, cfg.num_decoder_layers),
+            self.cache_layers,
         )
 
     def forward(
-        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+        self,
+        items: list[EncodeItem],
+        token_ids: list[int],
+        context_lens: list[int],
+        num_microbatches: int = 0,
     ) -> torch.Tensor | None:
         ex = self.executor
         if items:
@@ -297,7 +282,7 @@ class T5Stage(StageWorker):
             (enc,) = self._pipe([encode], ex.dtype)  # [packed, d_model]
             if self.is_last_stage:
                 enc = ex.encoder_finish(enc)
-            dist.broadcast(enc, src=self.last_rank, group=self.data_group)
+            dist.broadcast(enc, src=self.last_rank, group=self.groups.side)
             ex.store_cross(items, enc)
         batch = ex.decode_batch(items, token_ids, context_lens)
         rows = len(batch.slots)
@@ -313,65 +298,17 @@ class T5Stage(StageWorker):
 
 def make_stage(
     loaded: LoadedModel,
-    layout: Layout,
+    allocation: Allocation,
+    rank: int,
     num_slots: int,
     max_len: int,
-    groups: tuple[Any, list[Any]],
+    groups: RankGroups,
+    timeout_s: float,
 ) -> StageWorker:
-    stage = T5Stage if loaded.is_encoder_decoder else DecoderOnlyStage
-    return stage(loaded, layout, num_slots, max_len, groups)
-
-
-def join_group(
-    loaded: LoadedModel, layout: Layout, store: dist.Store, rank: int, timeout_s: float
-) -> tuple[Any, list[Any]]:
-    """Join the default group (gloo) and make the step's groups; every rank calls this.
-
-    Raises RuntimeError if the ranks loaded different weights (a model folder that
-    differs between machines, or random weights made from another seed)."""
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=layout.num_workers, timeout=IDLE_TIMEOUT
-    )
-    step_timeout = timedelta(seconds=timeout_s)
-    data_group = dist.new_group(timeout=step_timeout)
-    tp_groups = [
-        dist.new_group(
-            list(range(s * layout.tp_degree, (s + 1) * layout.tp_degree)), timeout=step_timeout
-        )
-        for s in range(layout.num_stages)
-    ]
-    mine = weights_fingerprint(loaded)
-    everyone = [torch.zeros_like(mine) for _ in range(layout.num_workers)]
-    dist.all_gather(everyone, mine, group=data_group)
-    differing = [r for r, theirs in enumerate(everyone) if not torch.equal(theirs, mine)]
-    if differing:
-        raise RuntimeError(f"workers {differing} loaded other weights than worker {rank}")
-    return data_group, tp_groups
-
-
-def weights_fingerprint(loaded: LoadedModel) -> torch.Tensor:
-    """[2] float64: the sum of every weight, and the sum weighted by parameter order."""
-    sums = torch.stack([p.detach().double().sum() for p in loaded.model.parameters()])
-    order = torch.arange(1, len(sums) + 1, dtype=torch.float64)
-    return torch.stack([sums.sum(), (sums * order).sum()])
-
-
-_step_decoder = msgspec.msgpack.Decoder(WorkerStep)
-
-
-def send_step(step: WorkerStep, timeout_s: float) -> None:
-    """The driver's side of the step broadcast. Gloo's broadcast waits for every receiver,
-    so a hung worker would hold it for the group's idle timeout: the wait is bounded here."""
-    data = torch.frombuffer(bytearray(msgspec.msgpack.encode(step)), dtype=torch.uint8)
-    timeout = timedelta(seconds=timeout_s)
-    for tensor in (torch.tensor([len(data)]), data):
-        dist.broadcast(tensor, src=0, async_op=True).wait(timeout)
-
-
-def receive_step() -> WorkerStep:
-    """A worker's side: wait (for as long as the engine is idle) for the driver's step."""
-    size = torch.zeros(1, dtype=torch.long)
-    dist.broadcast(size, src=0)
-    data = torch.empty(int(size), dtype=torch.uint8)
-    dist.broadcast(data, src=0)
-    return _step_decoder.decode(data.numpy().tobytes())
+    """The stage `rank` runs; a decode rank of a WAA group also takes the encode side's
+    hand-overs (engine/handover.py)."""
+    kind = T5Stage if loaded.is_encoder_decoder else DecoderOnlyStage
+    stage = kind(loaded, allocation.side(rank), num_slots, max_len, groups)
+    if allocation.encode is not None and stage.is_driver_side:
+        stage.expect = partial(expect_prompts, allocation.encode, stage, timeout_s)
+    return stage

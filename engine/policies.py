@@ -1,8 +1,9 @@
 """Scheduling policies: when to run an encoding phase and how many queries it admits.
 
 Each policy answers one question per step, `num_to_admit`: 0 means run a decoding iteration
-of the running batch; k > 0 means run an encoding phase for the next k waiting queries.
-Everything else (slots, early termination, compaction) is shared by the scheduler.
+of the running batch; k > 0 means run an encoding phase for the next k waiting queries
+(under WAA: hand them to the encode workers, and decode on). Everything else (slots, early
+termination, compaction) is shared by the scheduler.
 
 - RRA (paper section 4.1): one encoding phase of B_E queries, then N_D decoding iterations.
   Queries finish and leave at once; newly encoded ones join the running batch.
@@ -10,6 +11,9 @@ Everything else (slots, early termination, compaction) is shared by the schedule
   member finishes; finished rows keep being computed (no early termination), nobody joins.
 - CONTINUOUS (ORCA/vLLM-like): iteration-level; a waiting query is encoded as soon as a slot
   is free, then joins the running batch at the next iteration.
+- WAA (paper section 4.1, engine/waa.py): encode batches of up to B_E queries go to the
+  encode workers while the decode side iterates; an arrived batch joins the running batch
+  at the next iteration. Its queries hold their future rows from the hand-out on.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class BatchState:
     num_waiting: int
     num_free_slots: int
     iters_since_encode: int  # decoding iterations since the last encoding phase
+    num_encode_batches: int = 0  # WAA: batches on the encode workers (counted as running)
 
 
 class SchedulingPolicy(Protocol):
@@ -88,6 +93,26 @@ class ContinuousBatching:
         return True
 
 
+# One encode batch being computed and one queued behind it keep the encode workers busy
+# without taking more queries from the queue than that ahead of the decode side.
+MAX_ENCODE_BATCHES = 2
+
+
+@dataclass(frozen=True)
+class WorkloadAware:
+    encode_batch: int
+    max_batch: int
+    holds_finished_rows: bool = False
+
+    def num_to_admit(self, state: BatchState) -> int:
+        if state.num_encode_batches >= MAX_ENCODE_BATCHES:
+            return 0
+        return _room(state, min(self.encode_batch, self.max_batch - state.num_running))
+
+    def at_phase_boundary(self, state: BatchState) -> bool:
+        return True
+
+
 def make_policy(schedule: Schedule) -> SchedulingPolicy:
     if schedule.policy is Policy.RRA:
         return RoundRobin(schedule.encode_batch, schedule.decode_iters, schedule.max_batch)
@@ -95,7 +120,4 @@ def make_policy(schedule: Schedule) -> SchedulingPolicy:
         return StaticBatching(schedule.encode_batch)
     if schedule.policy is Policy.CONTINUOUS:
         return ContinuousBatching(schedule.max_batch)
-    raise ValueError(
-        f"policy {schedule.policy.value!r} needs separate encode and decode workers "
-        "(multi-worker engine); a single worker runs rra, static or continuous"
-    )
+    return WorkloadAware(schedule.encode_batch, schedule.max_batch)

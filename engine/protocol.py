@@ -15,7 +15,8 @@ Every Submit ends with exactly one terminal message for its request id: Finished
 
 The engine's driver and its model workers (engine/workers.py) speak through torch.distributed
 instead: a WorkerSpec on each worker's command line, then one msgpack-encoded WorkerStep per
-step, broadcast as a byte tensor.
+step, broadcast as a byte tensor to the workers that decode; under WAA the encode workers
+get an EncodeOrder per encode batch instead, sent to each of them point to point.
 """
 
 from __future__ import annotations
@@ -210,16 +211,33 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     tp_degree: int
     num_threads: int
     timeout_s: float  # longest wait on a peer inside a step
+    encode_workers: int = 0  # WAA: the last ones encode, the others decode; 0: all do both
 
 
 class WorkerStep(msgspec.Struct, frozen=True, array_like=True):
-    """One forward for every worker: ModelExecutor.forward's arguments, after the slot
-    moves queued since the last step. `is_stop`: leave the group and exit."""
+    """One forward for every worker that decodes: ModelExecutor.forward's arguments, after
+    the slot moves queued since the last step. `is_stop`: leave the group and exit.
+
+    Under WAA (engine/handover.py) a step also announces the encode batches just handed to
+    the encode workers, so that each decode worker posts its receives for their KV, and
+    places the oldest announced batches that arrived: the row of each query, applied after
+    the moves and before the forward."""
 
     items: list[tuple[int, list[int]]] = []  # (slot, prompt ids) of each query to encode
     token_ids: list[int] = []
     context_lens: list[int] = []
     moves: list[tuple[int, int, int]] = []  # (src, dst, length), applied in order first
+    is_stop: bool = False
+    encodes: list[list[int]] = []  # WAA: prompt lengths of each encode batch handed out
+    installs: list[list[int]] = []  # WAA: each arrived batch's rows, -1: query not kept
+    num_microbatches: int = 0  # decoder micro-batches; 0: one per pipeline stage
+
+
+class EncodeOrder(msgspec.Struct, frozen=True, array_like=True):
+    """WAA: one encode batch for the encode workers (query i goes to their cache row i).
+    `is_stop`: leave the group and exit."""
+
+    prompts: list[list[int]] = []
     is_stop: bool = False
 
 

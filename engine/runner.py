@@ -1,18 +1,20 @@
 """The model runner: executes a StepPlan on the model and samples one token per row.
 
 It reads requests and never changes them; the cache rows it writes are the ones the plan
-names (plus the compaction copies the plan carries, applied first).
+names (plus the compaction copies the plan carries, applied first). WAA's runner, which
+drives split workers, is in engine/waa.py.
 """
 
 from __future__ import annotations
 
+import torch
 from torch.profiler import record_function
 
 from engine.efficiency import KV_MOVE_LABEL, PHASE_LABELS, SAMPLING_LABEL
 from engine.models import EncodeItem, ModelExecutor
 from engine.request import Request
 from engine.sampling import sample
-from engine.scheduler import Phase, StepPlan
+from engine.scheduler import Phase, StepPlan, StepResult
 
 
 class ModelRunner:
@@ -29,12 +31,10 @@ class ModelRunner:
         cached_outputs = max(request.num_output_tokens - 1, 0)
         return cached_outputs + (1 if self.is_encoder_decoder else request.num_prompt_tokens)
 
-    def execute(self, plan: StepPlan) -> list[int]:
+    def execute(self, plan: StepPlan) -> StepResult:
         # the labels let `engine.efficiency.profile_steps` sort a step's time; free otherwise
         with record_function(PHASE_LABELS[plan.phase.value]):
-            with record_function(KV_MOVE_LABEL):
-                for move in plan.moves:
-                    self.executor.move_slot(move.src, move.dst, self.context_len(move.request))
+            self._move_rows(plan)
             items = []
             if plan.phase is Phase.ENCODE:
                 for r in plan.requests:
@@ -44,9 +44,14 @@ class ModelRunner:
             logits = self.executor.forward(
                 items, [r.output_ids[-1] for r in rows], [self.context_len(r) for r in rows]
             )
-            with record_function(SAMPLING_LABEL):
-                return sample(
-                    logits,
-                    [r.params for r in plan.computed],
-                    [r.generator for r in plan.computed],
-                )
+            return StepResult(self._sample(logits, plan.computed))
+
+    def _move_rows(self, plan: StepPlan) -> None:
+        with record_function(KV_MOVE_LABEL):
+            for move in plan.moves:
+                self.executor.move_slot(move.src, move.dst, self.context_len(move.request))
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, requests: tuple[Request, ...]) -> list[int]:
+        with record_function(SAMPLING_LABEL):
+            return sample(logits, [r.params for r in requests], [r.generator for r in requests])

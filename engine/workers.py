@@ -7,10 +7,16 @@ WORLD_SIZE), hosting the rendezvous store itself on a free local port. Each work
 the model on its own, says so through the store, and joins the group; the driver waits for
 them while watching that none has exited, then checks that all loaded the same weights.
 
-A worker that dies fails the step that needs it: its exit is seen before the step starts,
-or a collective with it errors (its sockets close) or times out. The group is then torn
-down, the step raises WorkerFailure (the engine process fails every in-flight request with
-an error event), and the next step starts a fresh group.
+Under WAA (an Allocation with encode workers) the last ranks encode: the driver hands them
+encode batches (`decode` steps carry them) and takes their first-token logits back when
+they arrive (`take_encoded`), the KV having gone to the decode ranks (engine/handover.py);
+each decode rank, the driver first, runs the steps.
+
+A worker that dies fails the step that needs it: its exit is seen before the step starts
+or while the driver waits for encodes, or a collective or hand-over with it errors (its
+sockets close) or times out. The group is then torn down, the step raises WorkerFailure
+(the engine fails every request the group held state for; the engine process reports each
+with an error event), and the next step starts a fresh group.
 """
 
 from __future__ import annotations
@@ -22,16 +28,21 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import msgspec
 import torch
 import torch.distributed as dist
 
+from engine.groups import RankGroups, join_group, receive_step, send_step
+from engine.handover import EncodeQueue, hand_over, receive_order, send_order
+from engine.layout import Allocation
 from engine.model_loader import LoadedModel, load_model
 from engine.models.base import EncodeItem
-from engine.parallel import Layout, StageWorker, join_group, make_stage, receive_step, send_step
-from engine.protocol import WorkerSpec, WorkerStep
+from engine.parallel import StageWorker, make_stage
+from engine.protocol import EncodeOrder, WorkerSpec, WorkerStep
 
 logger = logging.getLogger(__name__)
 STARTUP_POLL_S = 0.05
@@ -51,10 +62,13 @@ class WorkerGroup:
     def __init__(self, loaded: LoadedModel, spec: WorkerSpec) -> None:
         self.loaded = loaded
         self.spec = spec
-        self.layout = Layout(spec.num_workers, spec.tp_degree)
-        self.layout.check(loaded)
+        self.allocation = Allocation(spec.num_workers, spec.tp_degree, spec.encode_workers)
+        self.allocation.check(loaded)
+        self.layout = self.allocation.decode  # the driver's side
         self._procs: list[subprocess.Popen[bytes]] = []
         self._stage: StageWorker | None = None
+        self._groups: RankGroups | None = None
+        self._encodes: EncodeQueue | None = None
         self._moves: list[tuple[int, int, int]] = []
         self._is_closed = False
         self._start()
@@ -66,25 +80,38 @@ class WorkerGroup:
     def forward(
         self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
     ) -> torch.Tensor:
-        if self._is_closed:
-            raise RuntimeError("the model workers are closed")
-        if self._stage is None:
-            logger.info("restarting the model workers")
-            self._start()
-        assert self._stage is not None
-        step = WorkerStep(
-            [(item.slot, item.token_ids) for item in items], token_ids, context_lens, self._moves
+        return self._run(
+            WorkerStep([(item.slot, item.token_ids) for item in items], token_ids, context_lens)
         )
-        self._moves = []
-        try:
-            self._check_alive()
-            send_step(step, self.spec.timeout_s)
-            logits = self._stage.run(step)
-        except (RuntimeError, dist.DistError) as exc:
-            self._fail(str(exc))
-            raise WorkerFailure(f"model worker group failed: {exc}") from exc
-        assert logits is not None  # the driver always receives them
-        return logits
+
+    def decode(
+        self,
+        token_ids: list[int],
+        context_lens: list[int],
+        *,
+        encodes: list[list[list[int]]],
+        installs: list[list[int]],
+        num_microbatches: int,
+    ) -> torch.Tensor:
+        """WAA's step: hand each batch of prompts in `encodes` to the encode workers, place
+        the oldest arrived batches' queries in the rows `installs` gives (-1: not kept),
+        then decode the running rows in `num_microbatches` micro-batches. Row logits."""
+        step = WorkerStep(
+            token_ids=token_ids,
+            context_lens=context_lens,
+            encodes=[[len(prompt) for prompt in prompts] for prompts in encodes],
+            installs=installs,
+            num_microbatches=num_microbatches,
+        )
+        return self._run(step, encodes)
+
+    def take_encoded(self, block: bool) -> list[torch.Tensor]:
+        """WAA: first-token logits [queries, vocab] of each encode batch that arrived since
+        the last call, oldest first; with `block`, waits for one while any is in flight."""
+        if self._encodes is None:  # a fresh group has none in flight
+            return []
+        with self._failing():
+            return self._encodes.take(block, self._check_alive)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Queued: every rank applies it before the next step's forward."""
@@ -93,12 +120,49 @@ class WorkerGroup:
     def close(self) -> None:
         self._is_closed = True
         if self._stage is not None:
+            assert self._groups is not None
             try:
-                send_step(WorkerStep(is_stop=True), STOP_WAIT_S)
+                if self._encodes is not None:  # their KV needs the decode ranks
+                    self._encodes.take(True, self._check_alive)
+                    for work in send_order(EncodeOrder(is_stop=True), self._encode_ranks):
+                        work.wait(timedelta(seconds=STOP_WAIT_S))
+                send_step(WorkerStep(is_stop=True), self._groups.steps, STOP_WAIT_S)
             except (RuntimeError, dist.DistError):
                 logger.warning("a model worker was gone before the stop")
         self._stop_processes(STOP_WAIT_S)
         self._leave()
+
+    @property
+    def _encode_ranks(self) -> range:
+        return range(0) if self.allocation.encode is None else self.allocation.encode.ranks
+
+    def _run(self, step: WorkerStep, encodes: list[list[list[int]]] | None = None) -> torch.Tensor:
+        if self._is_closed:
+            raise RuntimeError("the model workers are closed")
+        if self._stage is None:
+            logger.info("restarting the model workers")
+            self._start()
+        assert self._stage is not None and self._groups is not None
+        step = msgspec.structs.replace(step, moves=self._moves)
+        self._moves = []
+        with self._failing():
+            self._check_alive()
+            for prompts in encodes or []:
+                assert self._encodes is not None, "encode batches without encode workers"
+                self._encodes.put(prompts)
+            send_step(step, self._groups.steps, self.spec.timeout_s)
+            logits = self._stage.run(step)
+        assert logits is not None  # the driver always receives them
+        return logits
+
+    @contextmanager
+    def _failing(self) -> Iterator[None]:
+        """A failure inside tears the group down and raises WorkerFailure."""
+        try:
+            yield
+        except (RuntimeError, dist.DistError) as exc:
+            self._fail(str(exc))
+            raise WorkerFailure(f"model worker group failed: {exc}") from exc
 
     def _start(self) -> None:
         if dist.is_initialized():
@@ -121,21 +185,33 @@ class WorkerGroup:
             subprocess.Popen(command, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)})
             for r in range(1, self.spec.num_workers)
         ]
+        spec = self.spec
         try:
             self._wait_loaded(store)
-            groups = join_group(self.loaded, self.layout, store, 0, self.spec.timeout_s)
+            self._groups = join_group(self.loaded, self.allocation, store, 0, spec.timeout_s)
             self._stage = make_stage(
-                self.loaded, self.layout, self.spec.num_slots, self.spec.max_len, groups
+                self.loaded,
+                self.allocation,
+                0,
+                spec.num_slots,
+                spec.max_len,
+                self._groups,
+                spec.timeout_s,
             )
+            if self.allocation.encode is not None:
+                vocab = self.loaded.vocab_size
+                self._encodes = EncodeQueue(self.allocation.encode, vocab, spec.timeout_s)
         except BaseException:
             self._stop_processes(0.0)
             self._leave()
             raise
         logger.info(
-            "model workers ready: this process and pids %s, %d pipeline stages x TP %d",
+            "model workers ready: this process and pids %s; %s",
             self.pids,
-            self.layout.num_stages,
-            self.layout.tp_degree,
+            ", ".join(
+                f"{name} {side.num_stages} pipeline stages x TP {side.tp_degree}"
+                for name, side in zip(("decode", "encode"), self.allocation.sides, strict=False)
+            ),
         )
 
     def _wait_loaded(self, store: dist.TCPStore) -> None:
@@ -173,8 +249,13 @@ class WorkerGroup:
         self._procs = []
 
     def _leave(self) -> None:
+        """After the processes stopped: their sockets are closed, so no wait stays blocked."""
         self._stage = None
+        self._groups = None
         self._moves = []
+        if self._encodes is not None:
+            self._encodes.close()
+            self._encodes = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -186,7 +267,8 @@ def _free_port() -> int:
 
 
 def run_worker(spec: WorkerSpec, rank: int) -> None:
-    """Rank `rank` (>= 1): load, join the group, then run steps until the driver stops it."""
+    """Rank `rank` (>= 1): load, join the group, then run steps (or, on WAA's encode side,
+    encode batches) until the driver stops it."""
     torch.set_num_threads(spec.num_threads)
     timeout = timedelta(seconds=spec.timeout_s)
     store = dist.TCPStore(
@@ -194,12 +276,18 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
     )
     loaded = load_model(spec.model, spec.dtype)
     store.set(f"loaded/{rank}", "1")
-    layout = Layout(spec.num_workers, spec.tp_degree)
-    groups = join_group(loaded, layout, store, rank, spec.timeout_s)
-    stage = make_stage(loaded, layout, spec.num_slots, spec.max_len, groups)
+    allocation = Allocation(spec.num_workers, spec.tp_degree, spec.encode_workers)
+    groups = join_group(loaded, allocation, store, rank, spec.timeout_s)
+    stage = make_stage(
+        loaded, allocation, rank, spec.num_slots, spec.max_len, groups, spec.timeout_s
+    )
     stage.executor.drop_model_layers()  # the model is this process's alone
-    while not (step := receive_step()).is_stop:
-        stage.run(step)
+    if stage.is_driver_side:
+        while not (step := receive_step(groups.steps)).is_stop:
+            stage.run(step)
+    else:
+        while not (order := receive_order()).is_stop:
+            hand_over(stage, allocation.decode, order, stage.encode(order), spec.timeout_s)
     dist.destroy_process_group()
 
 

@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-POLICIES = ("rra", "continuous", "static")
+POLICIES = ("rra", "continuous", "static", "waa_c", "waa_m")
+WAA_POLICIES = ("waa_c", "waa_m")  # encode and decode on separate workers
 
 
 RESERVE_GATEWAY_CORE_FROM = 4  # cores at which the gateway gets one of its own
@@ -73,6 +74,11 @@ class GatewayConfig:
             raise ValueError(f"the SLO must be a positive number of seconds, got {self.slo_s}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.policy in WAA_POLICIES and self.num_workers < 2:
+            raise ValueError(
+                f"policy {self.policy} runs encode and decode on separate workers: it needs "
+                f"--workers 2 or more, got {self.num_workers}"
+            )
         if not self.profile:
             raise ValueError("profile must be 'full', 'quick' or a profile file")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:

@@ -423,3 +423,16 @@ class DecoderOnlyExecutor:
     def move_slot(self, src: int, dst: int, length: int) -> None:
         for cache in (*self.k_cache, *self.v_cache):
             cache[dst, :, :length] = cache[src, :, :length]
+
+    def prompt_cache(self, slot: int, prompt_len: int) -> list[list[torch.Tensor]]:
+        """Per layer of this executor, views of what encoding a prompt of `prompt_len`
+        tokens into `slot` cached: its keys and values, [kv_heads, prompt_len, head_dim]
+        each. WAA hands them from the encode to the decode workers (engine/handover.py)."""
+        return [
+            [k[slot, :, :prompt_len], v[slot, :, :prompt_len]]
+            for k, v in zip(self.k_cache, self.v_cache, strict=True)
+        ]
+
+    def receive_prompt(self, slot: int, prompt_len: int) -> list[list[torch.Tensor]]:
+        """prompt_cache's views of `slot`, for a hand-over to fill."""
+        return self.prompt_cache(slot, prompt_len)

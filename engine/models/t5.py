@@ -96,6 +96,25 @@ class T5Executor:
             cache[dst, :, :enc_len] = cache[src, :, :enc_len]
         self.enc_lens[dst] = enc_len
 
+    def prompt_cache(self, slot: int, prompt_len: int) -> list[list[torch.Tensor]]:
+        """Per decoder block of this executor, views of what encoding a prompt of
+        `prompt_len` tokens into `slot` cached: the start token's self-attention keys and
+        values [heads, 1, d_kv], then the cross-attention ones [heads, prompt_len, d_kv].
+        WAA hands them from the encode to the decode workers (engine/handover.py)."""
+        start, cross = slice(0, 1), slice(0, prompt_len)
+        return [
+            [sk[slot, :, start], sv[slot, :, start], ck[slot, :, cross], cv[slot, :, cross]]
+            for sk, sv, ck, cv in zip(
+                self.self_k, self.self_v, self.cross_k, self.cross_v, strict=True
+            )
+        ]
+
+    def receive_prompt(self, slot: int, prompt_len: int) -> list[list[torch.Tensor]]:
+        """prompt_cache's views of `slot`, for a hand-over to fill; records the slot's
+        encoder length."""
+        self.enc_lens[slot] = prompt_len
+        return self.prompt_cache(slot, prompt_len)
+
     # -- encoder: each query on its own (no padding), its tokens packed after the last's --
 
     def encoder_embed(self, items: list[EncodeItem]) -> torch.Tensor:

@@ -208,3 +208,24 @@ def test_latencies_far_below_the_prediction_loosen_the_plan(target: ServingTarge
     assert controller.check() is Trigger.DRIFT
     settle(controller)
     assert controller.state().calibration == 1.0  # measured anew for them
+
+
+def test_waa_plans_over_the_workers_and_keeps_the_split_it_started_with(opt13b: Profile) -> None:
+    """Changing WAA's split re-allocates the workers' layers: the engine starts with the one
+    the planner picks, and every re-solve keeps it."""
+    s_task, g_task = LengthDistribution.from_task("S"), LengthDistribution.from_task("G")
+    target = ServingTarget(opt13b, 64, Policy.WAA_C, num_workers=4).pinned(s_task, None)
+    assert 0 < target.encode_workers < 4
+    controller, clock = make(target, s_task)
+    startup = controller.current.schedule
+    assert startup.policy is Policy.WAA_C and startup.num_workers == 4
+    assert startup.encode_workers == target.encode_workers and startup.max_batch <= 64
+    finish(controller, g_task, 200, seed=1)
+    clock.now += 2
+    assert controller.check() is Trigger.DRIFT
+    (decision,) = settle(controller)
+    assert decision.schedule.encode_workers == target.encode_workers
+    tp2 = ServingTarget(opt13b, 64, Policy.WAA_C, num_workers=4, tp_degree=2)
+    assert tp2.pinned(s_task, None).encode_workers == 2  # whole TP groups on either side
+    with pytest.raises(ValueError, match="2 or more"):
+        ServingTarget(opt13b, 64, Policy.WAA_M)

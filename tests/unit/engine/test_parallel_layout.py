@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.parallel import Layout
+from engine.layout import Layout
 
 
 @pytest.mark.parametrize(("total", "stages"), [(2, 2), (30, 4), (7, 3), (5, 5), (12, 1)])

@@ -3,7 +3,7 @@
 from adaptive.schedule import Policy, Schedule
 from engine.request import Request, RequestStatus
 from engine.sampling import SamplingParams
-from engine.scheduler import Phase, Scheduler
+from engine.scheduler import Phase, Scheduler, StepResult
 
 EOS = 2
 
@@ -22,7 +22,7 @@ def add(s: Scheduler, rid: str, max_tokens: int, ignore_eos: bool = False) -> Re
 def run_step(s: Scheduler, token: int = 9) -> tuple[Phase, list[str]]:
     plan = s.schedule()
     assert plan is not None
-    s.update(plan, [token] * len(plan.computed))
+    s.update(plan, StepResult([token] * len(plan.computed)))
     s.slots.check_integrity()
     return plan.phase, [r.request_id for r in plan.requests]
 
@@ -45,14 +45,14 @@ def test_carried_encoding_phase_decodes_the_running_batch_and_counts_as_an_itera
     add(s, "q2", max_tokens=100)
     plan = s.schedule()
     assert plan is not None and plan.carried == ()  # nothing runs yet: a plain encoding phase
-    s.update(plan, [9, 9])
+    s.update(plan, StepResult([9, 9]))
     phases = [run_step(s) for _ in range(3)]
     assert [p for p, _ in phases] == [Phase.DECODE] * 3
     plan = s.schedule()  # N_D = 3 iterations done: encode q2, carrying q0 and q1 along
     assert plan is not None and plan.phase is Phase.ENCODE
     assert [r.request_id for r in plan.requests] == ["q2"]
     assert plan.carried == tuple(first)
-    s.update(plan, [7, 8, 8])
+    s.update(plan, StepResult([7, 8, 8]))
     assert [r.output_ids[-1] for r in first] == [8, 8] and len(first[0].output_ids) == 5
     # the carried pass was the first of the next N_D iterations: two more, then encode again
     add(s, "q3", max_tokens=100)

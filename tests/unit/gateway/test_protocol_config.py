@@ -42,6 +42,7 @@ def test_frame_guards() -> None:
     [
         ({"slo_s": -1.0}, "positive"),
         ({"policy": "fastest"}, "unknown policy"),
+        ({"policy": "waa_c"}, "separate workers: it needs --workers 2"),
         ({"mqtt": "http://x"}, "mqtt://"),
         ({"max_num_seqs": 0}, "max_num_seqs"),
         ({"admin_token": ""}, "admin_token"),

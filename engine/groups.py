@@ -1,0 +1,105 @@
+"""The torch.distributed groups of a model worker group, and the driver's step broadcast.
+
+Every rank joins the default group (gloo), then makes the same groups in the same order
+(torch requires it, members or not):
+
+    steps   the step broadcast from the driver to the ranks that decode (all of them
+            without a WAA split; the default group then), where an idle worker may wait for
+            hours: the driver bounds its own side of it
+    side    the ranks of one side (engine.layout.Allocation): pipeline sends, T5's
+            broadcast of the encoder output, the encode side's barrier before a hand-over;
+            its timeout bounds the wait on a dead or hung peer within a step
+    tp      the tensor slices of one stage: their all-reduces
+
+WAA's hand-over (engine/handover.py) runs point to point on the default group, its waits
+bounded by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import torch
+import torch.distributed as dist
+
+from engine.layout import Allocation
+from engine.model_loader import LoadedModel
+from engine.protocol import WorkerStep
+
+IDLE_TIMEOUT = timedelta(days=30)  # a worker waits this long for the next step
+
+
+@dataclass(frozen=True)
+class RankGroups:
+    """The groups one rank computes in (see the module doc)."""
+
+    steps: Any
+    side: Any
+    tp: Any
+
+
+def join_group(
+    loaded: LoadedModel, allocation: Allocation, store: dist.Store, rank: int, timeout_s: float
+) -> RankGroups:
+    """Join the default group and make the step's groups; every rank calls this.
+
+    Raises RuntimeError if the ranks loaded different weights (a model folder that
+    differs between machines, or random weights made from another seed)."""
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=allocation.num_workers, timeout=IDLE_TIMEOUT
+    )
+    step_timeout = timedelta(seconds=timeout_s)
+    everyone = dist.new_group(timeout=step_timeout)
+    side = tp = None
+    for layout in allocation.sides:
+        if layout.num_workers == allocation.num_workers:
+            side_group = everyone
+        else:
+            side_group = dist.new_group(list(layout.ranks), timeout=step_timeout)
+        stage_groups = [
+            dist.new_group(list(layout.stage_ranks(s)), timeout=step_timeout)
+            for s in range(layout.num_stages)
+        ]
+        if rank in layout.ranks:
+            side, tp = side_group, stage_groups[layout.stage(rank)]
+    steps = dist.group.WORLD
+    if allocation.encode_workers:
+        steps = dist.new_group(list(allocation.decode.ranks), timeout=IDLE_TIMEOUT)
+    mine = weights_fingerprint(loaded)
+    theirs = [torch.zeros_like(mine) for _ in range(allocation.num_workers)]
+    dist.all_gather(theirs, mine, group=everyone)
+    differing = [r for r, other in enumerate(theirs) if not torch.equal(other, mine)]
+    if differing:
+        raise RuntimeError(f"workers {differing} loaded other weights than worker {rank}")
+    return RankGroups(steps, side, tp)
+
+
+def weights_fingerprint(loaded: LoadedModel) -> torch.Tensor:
+    """[2] float64: the sum of every weight, and the sum weighted by parameter order."""
+    sums = torch.stack([p.detach().double().sum() for p in loaded.model.parameters()])
+    order = torch.arange(1, len(sums) + 1, dtype=torch.float64)
+    return torch.stack([sums.sum(), (sums * order).sum()])
+
+
+_step_decoder = msgspec.msgpack.Decoder(WorkerStep)
+
+
+def send_step(step: WorkerStep, group: Any, timeout_s: float) -> None:
+    """The driver's side of the step broadcast. Gloo's broadcast waits for every receiver,
+    so a hung worker would hold it for the group's idle timeout: the wait is bounded here."""
+    data = torch.frombuffer(bytearray(msgspec.msgpack.encode(step)), dtype=torch.uint8)
+    timeout = timedelta(seconds=timeout_s)
+    for tensor in (torch.tensor([len(data)]), data):
+        dist.broadcast(tensor, src=0, group=group, async_op=True).wait(timeout)
+
+
+def receive_step(group: Any) -> WorkerStep:
+    """A worker's side: wait (for as long as the engine is idle) for the driver's step."""
+    size = torch.zeros(1, dtype=torch.long)
+    dist.broadcast(size, src=0, group=group)
+    data = torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(data, src=0, group=group)
+    return _step_decoder.decode(data.numpy().tobytes())

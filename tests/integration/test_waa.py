@@ -1,0 +1,230 @@
+"""WAA: encode workers prefill apart, asynchronously, and hand each query's KV and first
+token to the decode workers, which give the single worker's greedy tokens; a killed encode
+worker fails the requests the group held, and the group restarts.
+
+Each engine here starts one to three worker processes (torch import and model load: a
+few seconds each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+
+from adaptive.schedule import Policy, Schedule
+from engine.bench import sweep
+from engine.bench_offline import BOUND_BATCHES, KnobGrid, latency_bounds, selection_records
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.sampling import SamplingParams
+from engine.workers import WorkerFailure
+from engine.workloads import make_prompts, task_queries
+
+RRA = Schedule(Policy.RRA, encode_batch=3, decode_iters=2, max_batch=5)
+
+
+def config(model: str, dtype: str = "float32", **overrides: Any) -> EngineConfig:
+    settings: dict[str, Any] = {
+        "model": model,
+        "dtype": dtype,
+        "max_num_seqs": 5,
+        "max_model_len": 96,
+        "schedule": RRA,
+        "num_threads": 2,
+    }
+    return EngineConfig(**(settings | overrides))
+
+
+def waa_config(
+    model: str,
+    dtype: str = "float32",
+    *,
+    num_workers: int = 2,
+    encode_workers: int = 1,
+    micro: int = 1,
+    **overrides: Any,
+) -> EngineConfig:
+    schedule = Schedule(
+        Policy.WAA_C,
+        encode_batch=3,
+        max_batch=5,
+        decode_microbatches=micro,
+        num_workers=num_workers,
+        encode_workers=encode_workers,
+    )
+    return config(model, dtype, schedule=schedule, num_workers=num_workers, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("model", "dtype", "num_workers", "encode_workers", "tp", "micro"),
+    [
+        ("random:llama", "float32", 2, 1, 1, 1),
+        ("random:llama", "bfloat16", 2, 1, 1, 1),
+        ("random:t5", "float32", 2, 1, 1, 1),
+        ("random:llama", "float32", 3, 1, 1, 2),
+        ("random:t5", "float32", 3, 2, 1, 1),
+        ("random:llama", "float32", 4, 2, 2, 1),
+    ],
+    ids=[
+        "llama",
+        "llama-bf16",
+        "t5",
+        "llama-2-decode-stages-2-micro",
+        "t5-2-encode-stages",
+        "llama-tp2-each-side",
+    ],
+)
+def test_waa_matches_one_worker(
+    load_cached, model, dtype, num_workers, encode_workers, tp, micro, mixed_queries, run_to_end
+):
+    """More queries than rows, outputs of 1 to 13 tokens: hand-outs, arrivals and finishes
+    interleave. The KV crosses as is, and each side computes whole rows, so the tokens are
+    the single worker's. With stages on both sides the two split the layers differently:
+    a decode rank takes its layers from several encode ranks, or the reverse."""
+    loaded = load_cached(model, dtype)
+    queries = mixed_queries(seed=4, n=12)
+    expected = run_to_end(LLMEngine(config(model, dtype), loaded), queries)
+    cfg = waa_config(
+        model,
+        dtype,
+        num_workers=num_workers,
+        encode_workers=encode_workers,
+        micro=micro,
+        tp_degree=tp,
+    )
+    with LLMEngine(cfg, loaded) as engine:
+        assert engine.workers is not None
+        assert engine.workers.allocation.encode_workers == encode_workers
+        assert run_to_end(engine, queries) == expected
+
+
+def test_the_driver_decodes_while_a_batch_is_encoded(load_cached):
+    loaded = load_cached("random:llama", "float32")
+    with LLMEngine(waa_config("random:llama"), loaded) as engine:
+        for i in range(6):
+            engine.add_request(f"q{i}", [7] * 40, SamplingParams(max_tokens=30, ignore_eos=True))
+        overlapped = 0
+        while engine.has_unfinished():
+            encoding = engine.scheduler.num_encoding
+            outputs = engine.step()
+            overlapped += bool(encoding and any(o.new_token_ids for o in outputs))
+        assert overlapped  # tokens came out of steps that began with a batch out
+
+
+def test_a_killed_encode_worker_fails_its_requests_and_the_group_restarts(
+    load_cached, mixed_queries, run_to_end
+):
+    loaded = load_cached("random:llama", "float32")
+    queries = mixed_queries(seed=3, n=6)
+    expected = run_to_end(LLMEngine(config("random:llama"), loaded), queries)
+    with LLMEngine(waa_config("random:llama", worker_timeout_s=20), loaded) as engine:
+        assert engine.workers is not None
+        for i in range(8):
+            engine.add_request(f"long{i}", [7] * 40, SamplingParams(max_tokens=50, ignore_eos=True))
+        while not (engine.scheduler.running() and engine.scheduler.waiting):
+            engine.step()
+        rows = {r.request_id for r in engine.scheduler.running()}
+        # rank 1, the encode worker, dies; the next step hands it a batch (a small model's
+        # batches come back within the step that hands them out)
+        os.kill(engine.workers.pids[0], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerFailure, match="model worker"):
+            while engine.has_unfinished():
+                engine.step()
+        assert time.monotonic() - start < 20  # seen at once, well before the timeout
+        assert engine.workers.pids == []  # torn down
+        waiting = [r.request_id for r in engine.scheduler.waiting]
+        failed = {o.request_id: o.finish_reason for o in engine.step() if o.finished}
+        # every request the group held, the rows and the batch handed out, once each
+        assert failed == dict.fromkeys(
+            sorted({f"long{i}" for i in range(8)} - set(waiting)), "abort"
+        )
+        assert rows < set(failed)
+        for request_id in waiting:  # what the engine process does: fail the rest too
+            engine.abort_request(request_id)
+        while engine.has_unfinished():
+            engine.step()
+        assert run_to_end(engine, queries) == expected  # on a fresh group
+        assert len(engine.workers.pids) == 1
+
+
+async def test_served_waa_requests_get_errors_when_the_encode_worker_dies(
+    make_gateway: Any,
+) -> None:
+    """`exegpt serve --workers 2 --policy waa_c`: the planner's WAA schedule runs; killing
+    the encode worker ends every in-flight stream with an error event, then the server
+    answers on a fresh group."""
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with (
+        make_gateway(num_workers=2, policy="waa_c") as server,
+        aiohttp.ClientSession(timeout=timeout) as http,
+    ):
+        async with http.get(f"{server.url}/v1/slo") as response:
+            assert (await response.json())["active_schedule"]["policy"] == "waa_c"
+        url = f"{server.url}/v1/completions"
+        body = {"model": "random:llama", "prompt": "count", "ignore_eos": True}
+        started = [asyncio.Event() for _ in range(3)]
+
+        async def last_event(started: asyncio.Event) -> dict[str, Any]:
+            events = []
+            stream = body | {"max_tokens": 500, "stream": True}
+            async with http.post(url, json=stream) as response:
+                async for line in response.content:
+                    if line.startswith(b"data: {"):
+                        events.append(json.loads(line.removeprefix(b"data: ")))
+                        started.set()
+            return events[-1]
+
+        in_flight = [asyncio.create_task(last_event(event)) for event in started]
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 30)
+        (worker,) = [
+            child
+            for child in psutil.Process().children(recursive=True)
+            if "engine.workers" in child.cmdline()
+        ]
+        worker.send_signal(signal.SIGKILL)
+        for last in await asyncio.wait_for(asyncio.gather(*in_flight), 30):
+            assert "model worker" in last["error"]["message"], last
+        async with http.post(url, json=body | {"max_tokens": 3}) as response:
+            answer = await response.json()
+            assert response.status == 200, answer
+        assert answer["usage"]["completion_tokens"] == 3
+
+
+def test_the_offline_bench_sweeps_waa_on_split_workers(load_cached):
+    """`exegpt bench offline --workers 2 --policies waa_c`: static batching sets the bounds
+    on the two workers as one pipeline, then WAA's settings run on them split."""
+    loaded = load_cached("random:llama", "float32")
+    queries = task_queries("C1", 10, seed=3, scale=0.05)
+    prompts = make_prompts(queries, loaded.vocab_size, seed=3)
+    grid = KnobGrid(
+        static=BOUND_BATCHES,
+        continuous=(4,),
+        rra=((2, 2),),
+        rra_max_batch=8,
+        waa=(2, 4),
+        waa_max_batch=8,
+    )
+    runs = sweep(
+        loaded,
+        "C1",
+        queries,
+        prompts,
+        ["waa_c"],
+        grid,
+        num_threads=2,
+        progress=False,
+        num_workers=2,
+    )
+    waa = [r for r in runs if r.policy == "waa_c"]
+    assert [r.knobs["encode_batch"] for r in waa] == [2, 4]
+    assert all(r.knobs["encode_workers"] == 1 and r.num_requests == 10 for r in waa)
+    records = selection_records(runs, latency_bounds(runs), "C1", ["static", "waa_c"])
+    assert {r["policy"] for r in records if r["knobs"]} == {"static", "waa_c"}
