@@ -72,5 +72,5 @@ def test_mqtt_targets() -> None:
 def _adaptation() -> p.AdaptationInfo:
     return p.AdaptationInfo(
         True, p.LengthStats(12.0, 30.0, 16.0, 16.0, 40.0), "drift", 1.7e9, "drift", 2, 3.5,
-        0.2, "quick", [1.0, 1.0], [1.1, 0.9], 1.0, 0.4, 20.0, 0.35, 18.0, 0.99, 40,
+        0.2, "quick", [1.0, 1.0], [1.1, 0.9], 1.0, 0.8, 0.4, 20.0, 0.35, 18.0, 0.99, 40,
     )  # fmt: skip
