@@ -9,6 +9,13 @@
    latency from the profile and the workload's length histograms; the report puts them
    beside what was measured, with the relative error (predicted - measured) / measured.
 
+With `--workers N` the engine runs over N model workers (engine/workers.py) and the
+planner prices the same schedules on an N-device cluster: RRA with the layers in N
+pipeline stages, and WAA (`waa_c`, every split the sweep tries) with encode and decode
+workers. The profile is measured with the threads one worker gets (threads / N), since
+each worker computes on its share of the cores; links between workers are priced as free
+(loopback), so the hand-over and the stage-to-stage sends are the model's blind spot.
+
 What the two sides mean: the simulator predicts a steady state (throughput; the latency
 of a query of the p99 output length, from its encoding to its last token). The engine
 runs a finite workload queued at time zero, so the measured side is taken in its steady
@@ -58,10 +65,13 @@ from engine.workloads import Query, make_prompts, task_queries
 LOCAL = Link(1e12, 0.0)  # one device: no link is ever crossed
 
 
-def machine_cluster(profile: Profile) -> Cluster:
-    """This machine as a one-device cluster; its memory from the profile (RAM on a CPU)."""
+def machine_cluster(profile: Profile, num_workers: int = 1) -> Cluster:
+    """This machine as a cluster of its model workers; each one's memory from the profile
+    (RAM on a CPU), links free."""
     memory = profile.device_memory_bytes or 64 * GIB
-    return Cluster(1, 1, memory, LOCAL, LOCAL, memory_reserve=0.0, name="this machine")
+    return Cluster(
+        num_workers, num_workers, memory, LOCAL, LOCAL, memory_reserve=0.0, name="this machine"
+    )
 
 
 def machine_profile(
@@ -115,7 +125,8 @@ def compare_run(
     profile: Profile, cluster: Cluster, dist: LengthDistribution, run: RunResult, source: str
 ) -> dict[str, Any]:
     """One schedule's prediction beside its measurement."""
-    schedule: Schedule = schedule_for(run.policy, run.knobs)
+    workers = cluster.num_devices
+    schedule: Schedule = replace(schedule_for(run.policy, run.knobs, workers), num_workers=workers)
     predicted = simulate(profile, cluster, dist, schedule)
     measured_req_s, measured_p99 = run.steady_state()
     target = ServingTarget(profile, schedule.max_batch, Policy.RRA)
@@ -158,35 +169,42 @@ def measure_fidelity(
     raw_profile: dict[str, Any],
     *,
     num_threads: int | None = None,
+    num_workers: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the grid and the planner's choices; the report with one row per schedule."""
+    """Run the grid and the planner's choices; the report with one row per schedule (on
+    several workers: RRA's and WAA's; static batching still runs, for the bounds)."""
     profile = parse_profile(raw_profile, source=str(raw_profile.get("model")))
-    cluster = machine_cluster(profile)
+    cluster = machine_cluster(profile, num_workers)
+    policies = ENGINE_POLICIES if num_workers == 1 else ("rra", "waa_c")
     dist = LengthDistribution.from_samples(
         [q.prompt_len for q in queries], [q.output_len for q in queries], name=task
     )
     # the simulator models the paper's strict alternation of encoding and decoding, so the
     # engine runs that form here (serving carries decoding through encoding phases)
     runs = sweep(
-        loaded, task, queries, prompts, ENGINE_POLICIES, grid, num_threads=num_threads,
-        carry_decode=False, progress=progress,
+        loaded, task, queries, prompts, policies, grid, num_threads=num_threads,
+        carry_decode=False, progress=progress, num_workers=num_workers,
     )  # fmt: skip
-    rows = [compare_run(profile, cluster, dist, run, "grid") for run in runs]
+    rows = [
+        compare_run(profile, cluster, dist, run, "grid") for run in runs if run.policy in policies
+    ]
     bounds = latency_bounds(runs)
-    engine = make_engine(loaded, queries, grid.max_batch, num_threads, carry_decode=False)
-    for bound in bounds:
-        knobs = planned_knobs(profile, cluster, dist, bound, grid.max_batch)
-        if knobs is None:
-            continue
-        run = run_engine(engine, task, "rra", knobs, queries, prompts, f"{task}-plan-{bound.label}")
-        rows.append(compare_run(profile, cluster, dist, run, f"planner@{bound.label}"))
+    with make_engine(loaded, queries, grid.max_batch, num_threads, False, num_workers) as engine:
+        for bound in bounds:
+            knobs = planned_knobs(profile, cluster, dist, bound, grid.max_batch)
+            if knobs is None:
+                continue
+            run_id = f"{task}-plan-{bound.label}"
+            run = run_engine(engine, task, "rra", knobs, queries, prompts, run_id)
+            rows.append(compare_run(profile, cluster, dist, run, f"planner@{bound.label}"))
     return {
         "model": loaded.name,
         "task": task,
         "num_queries": len(queries),
         "profile_device": raw_profile.get("device"),
         "profile_num_threads": raw_profile.get("num_threads"),
+        "num_workers": num_workers,
         "bounds_s": {b.label: b.latency_s for b in bounds},
         "rows": rows,
         "summary": error_summary(rows),
@@ -235,21 +253,29 @@ def add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-threads", type=int, default=None, help="torch threads (default: all cores)"
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="model workers; from 2: RRA pipelined and WAA"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.set_defaults(run=run_fidelity)
 
 
 def run_fidelity(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ValueError("--workers must be >= 1")
     queries = task_queries(args.task, args.num_queries, args.seed, args.scale)
-    # profile with the thread count the engine will run with (the profile must match it)
-    torch.set_num_threads(args.num_threads or os.cpu_count() or 1)
+    # profile with the thread count one worker will run with (the profile must match it)
+    threads = args.num_threads or os.cpu_count() or 1
+    torch.set_num_threads(max(1, threads // args.workers))
     loaded = load_model(args.model, args.dtype)
     raw = machine_profile(loaded, queries, quick=args.quick, path=args.profile)
+    torch.set_num_threads(threads)
     prompts = make_prompts(queries, loaded.vocab_size, args.seed)
     grid = QUICK_GRID if args.quick else FULL_GRID
     report = measure_fidelity(
-        loaded, args.task.upper(), queries, prompts, grid, raw, num_threads=args.num_threads
-    )
+        loaded, args.task.upper(), queries, prompts, grid, raw,
+        num_threads=args.num_threads, num_workers=args.workers,
+    )  # fmt: skip
     report |= {"dtype": args.dtype, "seed": args.seed, "scale": args.scale, "quick": args.quick}
     print_fidelity(report)
     if args.json is not None:
