@@ -125,7 +125,14 @@ class ServingTarget:
         """The lowest latency any schedule is predicted to reach for `dist` (seconds)."""
         cluster = self.cluster(self.profile, dist)
         try:
-            solve(self.profile, cluster, dist, 1e-9, policies=(self.policy,))
+            solve(
+                self.profile,
+                cluster,
+                dist,
+                1e-9,
+                policies=(self.policy,),
+                encode_workers=self.encode_workers,
+            )
         except InfeasibleBound as exc:
             return exc.min_latency_s
         raise AssertionError("a schedule met a 1 ns bound")

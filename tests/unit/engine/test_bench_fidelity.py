@@ -75,3 +75,25 @@ def test_error_summary_by_hand() -> None:
     assert summary["latency_error"] == pytest.approx(
         {"mean_abs": 0.15, "max_abs": 0.2, "share_within": 0.5}
     )
+
+
+def test_on_two_workers_rra_and_waa_are_priced_on_two_devices(load_cached) -> None:  # type: ignore[no-untyped-def]
+    loaded = load_cached("random:llama")
+    queries = task_queries("S", 8, seed=1, scale=0.05)
+    prompts = make_prompts(queries, loaded.vocab_size, seed=1)
+    raw = profile_model(loaded, TINY, progress=False)
+    grid = KnobGrid(
+        static=BOUND_BATCHES, continuous=(8,), rra=((4, 2),), rra_max_batch=8, waa=(2,),
+        waa_max_batch=8,
+    )  # fmt: skip
+    report = measure_fidelity(
+        loaded, "S", queries, prompts, grid, raw, num_threads=2, num_workers=2, progress=False
+    )
+    assert report["num_workers"] == 2
+    grid_rows = [r for r in report["rows"] if r["source"] == "grid"]
+    # static batching runs for the bounds only: the rows are the two-worker policies'
+    assert [r["schedule"] for r in grid_rows] == [
+        "rra(B_E=4, N_D=2)", "waa_c(B_E=2, micro=1, enc=1/2)",
+    ]  # fmt: skip
+    for row in report["rows"]:
+        assert row["predicted_req_s"] > 0 and row["measured_req_s"] > 0
