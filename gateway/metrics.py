@@ -178,6 +178,12 @@ class Metrics:
         self.profile_scale = Gauge(
             "exegpt_profile_scale", "Refit factor on the profile's step times", ["kind"], registry=r
         )
+        self.bound_factor = Gauge(
+            "exegpt_planner_bound_factor",
+            "The planner aims at bound * margin / calibration (latency measured / predicted)",
+            ["kind"],
+            registry=r,
+        )
 
     def update_adaptation(self, info: p.AdaptationInfo) -> None:
         if info.lengths is not None:
@@ -199,6 +205,8 @@ class Metrics:
         self.switch_delay.set(_or(info.switch_delay_s, nan))
         for kind, scale in zip(("encode", "decode"), info.profile_scales, strict=True):
             self.profile_scale.labels(kind).set(scale)
+        self.bound_factor.labels("margin").set(info.bound_margin)
+        self.bound_factor.labels("calibration").set(info.latency_calibration)
 
     def latency_percentile(self, q: float) -> float | None:
         if not self.latencies:

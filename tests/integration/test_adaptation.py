@@ -119,6 +119,9 @@ async def test_drift_re_solves_then_an_slo_change_meets_the_bound(server: Gatewa
         "exegpt_slo_attainment",
     ):
         assert re.search(rf"^{name} ", text, re.MULTILINE), name
+    margin = re.search(r'^exegpt_planner_bound_factor\{kind="margin"\} (\S+)$', text, re.MULTILINE)
+    assert margin and float(margin.group(1)) == adaptation["bound_margin"]
+    assert "latency_calibration" in adaptation
 
 
 async def test_switching_under_load_drops_nothing_and_keeps_tokens(
