@@ -8,15 +8,11 @@ few seconds each).
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import signal
 import time
 from typing import Any
 
-import aiohttp
-import psutil
 import pytest
 
 from adaptive.schedule import Policy, Schedule
@@ -153,49 +149,6 @@ def test_a_killed_encode_worker_fails_its_requests_and_the_group_restarts(
             engine.step()
         assert run_to_end(engine, queries) == expected  # on a fresh group
         assert len(engine.workers.pids) == 1
-
-
-async def test_served_waa_requests_get_errors_when_the_encode_worker_dies(
-    make_gateway: Any,
-) -> None:
-    """`exegpt serve --workers 2 --policy waa_c`: the planner's WAA schedule runs; killing
-    the encode worker ends every in-flight stream with an error event, then the server
-    answers on a fresh group."""
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with (
-        make_gateway(num_workers=2, policy="waa_c") as server,
-        aiohttp.ClientSession(timeout=timeout) as http,
-    ):
-        async with http.get(f"{server.url}/v1/slo") as response:
-            assert (await response.json())["active_schedule"]["policy"] == "waa_c"
-        url = f"{server.url}/v1/completions"
-        body = {"model": "random:llama", "prompt": "count", "ignore_eos": True}
-        started = [asyncio.Event() for _ in range(3)]
-
-        async def last_event(started: asyncio.Event) -> dict[str, Any]:
-            events = []
-            stream = body | {"max_tokens": 500, "stream": True}
-            async with http.post(url, json=stream) as response:
-                async for line in response.content:
-                    if line.startswith(b"data: {"):
-                        events.append(json.loads(line.removeprefix(b"data: ")))
-                        started.set()
-            return events[-1]
-
-        in_flight = [asyncio.create_task(last_event(event)) for event in started]
-        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 30)
-        (worker,) = [
-            child
-            for child in psutil.Process().children(recursive=True)
-            if "engine.workers" in child.cmdline()
-        ]
-        worker.send_signal(signal.SIGKILL)
-        for last in await asyncio.wait_for(asyncio.gather(*in_flight), 30):
-            assert "model worker" in last["error"]["message"], last
-        async with http.post(url, json=body | {"max_tokens": 3}) as response:
-            answer = await response.json()
-            assert response.status == 200, answer
-        assert answer["usage"]["completion_tokens"] == 3
 
 
 def test_the_offline_bench_sweeps_waa_on_split_workers(load_cached):

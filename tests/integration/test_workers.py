@@ -131,14 +131,20 @@ def test_unsupported_layouts_are_refused_before_any_process_starts(load_cached):
         LLMEngine(config("random:llama", num_workers=3), load_cached("random:llama"))
 
 
-async def test_served_requests_get_errors_when_a_worker_dies(make_gateway: Any) -> None:
-    """Through the engine process: every in-flight stream ends with an error event, then
-    the server answers new requests on a fresh worker group."""
+@pytest.mark.parametrize("policy", ["rra", "waa_c"])
+async def test_served_requests_get_errors_when_a_worker_dies(
+    make_gateway: Any, policy: str
+) -> None:
+    """Through the engine process (`exegpt serve --workers 2`; with waa_c the worker is
+    the encode worker): every in-flight stream ends with an error event, then the server
+    answers new requests on a fresh worker group."""
     timeout = aiohttp.ClientTimeout(total=60)
     async with (
-        make_gateway(num_workers=2) as server,
+        make_gateway(num_workers=2, policy=policy) as server,
         aiohttp.ClientSession(timeout=timeout) as http,
     ):
+        async with http.get(f"{server.url}/v1/slo") as response:
+            assert (await response.json())["active_schedule"]["policy"] == policy
         url = f"{server.url}/v1/completions"
         body = {"model": "random:llama", "prompt": "count", "ignore_eos": True}
         started = [asyncio.Event() for _ in range(3)]
