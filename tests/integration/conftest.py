@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from adaptive.schedule import Policy, Schedule
+from engine.llm_engine import EngineConfig
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer
 
@@ -134,3 +136,25 @@ async def gateway(mosquitto: Mosquitto) -> AsyncIterator[GatewayServer]:
     async with start_gateway(mqtt=f"mqtt://127.0.0.1:{mosquitto.port}") as server:
         await asyncio.sleep(0)
         yield server
+
+
+SMALL_RRA = Schedule(Policy.RRA, encode_batch=3, decode_iters=2, max_batch=5)
+
+
+def small_engine_config(model: str, dtype: str = "float32", **overrides: Any) -> EngineConfig:
+    """A small engine's config (5 rows, 96 tokens, RRA, 2 threads) with `overrides`."""
+    settings: dict[str, Any] = {
+        "model": model,
+        "dtype": dtype,
+        "max_num_seqs": 5,
+        "max_model_len": 96,
+        "schedule": SMALL_RRA,
+        "num_threads": 2,
+    }
+    return EngineConfig(**(settings | overrides))
+
+
+@pytest.fixture
+def engine_config() -> Any:
+    """Factory: `engine_config(model, dtype="float32", **overrides)` (small_engine_config)."""
+    return small_engine_config

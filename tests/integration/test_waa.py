@@ -23,39 +23,31 @@ from engine.sampling import SamplingParams
 from engine.workers import WorkerFailure
 from engine.workloads import make_prompts, task_queries
 
-RRA = Schedule(Policy.RRA, encode_batch=3, decode_iters=2, max_batch=5)
 
+@pytest.fixture
+def waa_config(engine_config: Any) -> Any:
+    """Factory: a small engine's config running WAA-C over `num_workers` workers."""
 
-def config(model: str, dtype: str = "float32", **overrides: Any) -> EngineConfig:
-    settings: dict[str, Any] = {
-        "model": model,
-        "dtype": dtype,
-        "max_num_seqs": 5,
-        "max_model_len": 96,
-        "schedule": RRA,
-        "num_threads": 2,
-    }
-    return EngineConfig(**(settings | overrides))
+    def make(
+        model: str,
+        dtype: str = "float32",
+        *,
+        num_workers: int = 2,
+        encode_workers: int = 1,
+        micro: int = 1,
+        **overrides: Any,
+    ) -> EngineConfig:
+        schedule = Schedule(
+            Policy.WAA_C,
+            encode_batch=3,
+            max_batch=5,
+            decode_microbatches=micro,
+            num_workers=num_workers,
+            encode_workers=encode_workers,
+        )
+        return engine_config(model, dtype, schedule=schedule, num_workers=num_workers, **overrides)
 
-
-def waa_config(
-    model: str,
-    dtype: str = "float32",
-    *,
-    num_workers: int = 2,
-    encode_workers: int = 1,
-    micro: int = 1,
-    **overrides: Any,
-) -> EngineConfig:
-    schedule = Schedule(
-        Policy.WAA_C,
-        encode_batch=3,
-        max_batch=5,
-        decode_microbatches=micro,
-        num_workers=num_workers,
-        encode_workers=encode_workers,
-    )
-    return config(model, dtype, schedule=schedule, num_workers=num_workers, **overrides)
+    return make
 
 
 @pytest.mark.parametrize(
@@ -78,7 +70,17 @@ def waa_config(
     ],
 )
 def test_waa_matches_one_worker(
-    load_cached, model, dtype, num_workers, encode_workers, tp, micro, mixed_queries, run_to_end
+    load_cached,
+    engine_config,
+    waa_config,
+    model,
+    dtype,
+    num_workers,
+    encode_workers,
+    tp,
+    micro,
+    mixed_queries,
+    run_to_end,
 ):
     """More queries than rows, outputs of 1 to 13 tokens: hand-outs, arrivals and finishes
     interleave. The KV crosses as is, and each side computes whole rows, so the tokens are
@@ -86,7 +88,7 @@ def test_waa_matches_one_worker(
     a decode rank takes its layers from several encode ranks, or the reverse."""
     loaded = load_cached(model, dtype)
     queries = mixed_queries(seed=4, n=12)
-    expected = run_to_end(LLMEngine(config(model, dtype), loaded), queries)
+    expected = run_to_end(LLMEngine(engine_config(model, dtype), loaded), queries)
     cfg = waa_config(
         model,
         dtype,
@@ -101,7 +103,7 @@ def test_waa_matches_one_worker(
         assert run_to_end(engine, queries) == expected
 
 
-def test_the_driver_decodes_while_a_batch_is_encoded(load_cached):
+def test_the_driver_decodes_while_a_batch_is_encoded(load_cached, waa_config):
     loaded = load_cached("random:llama", "float32")
     with LLMEngine(waa_config("random:llama"), loaded) as engine:
         for i in range(6):
@@ -115,11 +117,11 @@ def test_the_driver_decodes_while_a_batch_is_encoded(load_cached):
 
 
 def test_a_killed_encode_worker_fails_its_requests_and_the_group_restarts(
-    load_cached, mixed_queries, run_to_end
+    load_cached, engine_config, waa_config, mixed_queries, run_to_end
 ):
     loaded = load_cached("random:llama", "float32")
     queries = mixed_queries(seed=3, n=6)
-    expected = run_to_end(LLMEngine(config("random:llama"), loaded), queries)
+    expected = run_to_end(LLMEngine(engine_config("random:llama"), loaded), queries)
     with LLMEngine(waa_config("random:llama", worker_timeout_s=20), loaded) as engine:
         assert engine.workers is not None
         for i in range(8):

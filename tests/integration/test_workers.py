@@ -17,24 +17,9 @@ import aiohttp
 import psutil
 import pytest
 
-from adaptive.schedule import Policy, Schedule
-from engine.llm_engine import EngineConfig, LLMEngine
+from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.workers import WorkerFailure
-
-SCHEDULE = Schedule(Policy.RRA, encode_batch=3, decode_iters=2, max_batch=5)
-
-
-def config(model: str, dtype: str = "float32", **overrides: object) -> EngineConfig:
-    settings: dict[str, object] = {
-        "model": model,
-        "dtype": dtype,
-        "max_num_seqs": 5,
-        "max_model_len": 96,
-        "schedule": SCHEDULE,
-        "num_threads": 2,
-    }
-    return EngineConfig(**(settings | overrides))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -46,21 +31,23 @@ def config(model: str, dtype: str = "float32", **overrides: object) -> EngineCon
         ("random:t5", "float32"),
     ],
 )
-def test_two_pipeline_stages_match_one_worker(load_cached, model, dtype, mixed_queries, run_to_end):
+def test_two_pipeline_stages_match_one_worker(
+    load_cached, engine_config, model, dtype, mixed_queries, run_to_end
+):
     """Each stage computes whole layers, in the same order, on micro-batches of the step's
     queries and rows: equal even in bfloat16. T5's stages split the encoder blocks and the
     decoder blocks."""
     loaded = load_cached(model, dtype)
     queries = mixed_queries(seed=1, n=9)
-    expected = run_to_end(LLMEngine(config(model, dtype), loaded), queries)
-    with LLMEngine(config(model, dtype, num_workers=2), loaded) as engine:
+    expected = run_to_end(LLMEngine(engine_config(model, dtype), loaded), queries)
+    with LLMEngine(engine_config(model, dtype, num_workers=2), loaded) as engine:
         assert engine.workers is not None and engine.workers.layout.num_stages == 2
         assert run_to_end(engine, queries) == expected
 
 
 @pytest.mark.parametrize("num_workers", [2, 4], ids=["tp2", "2_stages_of_tp2"])
 def test_tensor_parallel_two_matches_one_worker(
-    load_cached, num_workers, mixed_queries, run_to_end
+    load_cached, engine_config, num_workers, mixed_queries, run_to_end
 ):
     """TP=2 splits every layer's heads and MLP columns and sums the halves of o_proj and
     down_proj with an all-reduce. In float32 that sum changes no greedy token; in bfloat16
@@ -68,8 +55,8 @@ def test_tensor_parallel_two_matches_one_worker(
     a near-tie on a random model, so the comparison runs in float32."""
     loaded = load_cached("random:llama", "float32")
     queries = mixed_queries(seed=2, n=9)
-    expected = run_to_end(LLMEngine(config("random:llama"), loaded), queries)
-    cfg = config("random:llama", num_workers=num_workers, tp_degree=2)
+    expected = run_to_end(LLMEngine(engine_config("random:llama"), loaded), queries)
+    cfg = engine_config("random:llama", num_workers=num_workers, tp_degree=2)
     with LLMEngine(cfg, loaded) as engine:
         assert engine.workers is not None
         assert engine.workers.layout.num_stages == num_workers // 2
@@ -77,12 +64,12 @@ def test_tensor_parallel_two_matches_one_worker(
 
 
 def test_a_killed_worker_fails_the_step_and_the_group_restarts(
-    load_cached, mixed_queries, run_to_end
+    load_cached, engine_config, mixed_queries, run_to_end
 ):
     loaded = load_cached("random:llama", "float32")
     queries = mixed_queries(seed=3, n=4)
-    expected = run_to_end(LLMEngine(config("random:llama"), loaded), queries)
-    cfg = config("random:llama", num_workers=2, worker_timeout_s=20)
+    expected = run_to_end(LLMEngine(engine_config("random:llama"), loaded), queries)
+    cfg = engine_config("random:llama", num_workers=2, worker_timeout_s=20)
     with LLMEngine(cfg, loaded) as engine:
         assert engine.workers is not None
         for i in range(3):
@@ -103,9 +90,11 @@ def test_a_killed_worker_fails_the_step_and_the_group_restarts(
         assert len(engine.workers.pids) == 1
 
 
-def test_a_hung_worker_fails_the_step_after_the_timeout(load_cached):
+def test_a_hung_worker_fails_the_step_after_the_timeout(load_cached, engine_config):
     loaded = load_cached("random:llama", "float32")
-    with LLMEngine(config("random:llama", num_workers=2, worker_timeout_s=10), loaded) as engine:
+    with LLMEngine(
+        engine_config("random:llama", num_workers=2, worker_timeout_s=10), loaded
+    ) as engine:
         assert engine.workers is not None
         engine.add_request("q", [7] * 10, SamplingParams(max_tokens=20, ignore_eos=True))
         engine.step()
@@ -118,17 +107,21 @@ def test_a_hung_worker_fails_the_step_after_the_timeout(load_cached):
         assert engine.workers.pids == []  # the stopped worker was killed
 
 
-def test_unsupported_layouts_are_refused_before_any_process_starts(load_cached):
+def test_unsupported_layouts_are_refused_before_any_process_starts(load_cached, engine_config):
     with pytest.raises(ValueError, match="split into tensor-parallel groups"):
-        config("random:llama", num_workers=3, tp_degree=2)
+        engine_config("random:llama", num_workers=3, tp_degree=2)
     with pytest.raises(ValueError, match="tensor parallelism supports"):
-        LLMEngine(config("random:t5", num_workers=2, tp_degree=2), load_cached("random:t5"))
+        LLMEngine(engine_config("random:t5", num_workers=2, tp_degree=2), load_cached("random:t5"))
     with pytest.raises(ValueError, match="tensor parallelism supports"):
-        LLMEngine(config("random:gpt2", num_workers=2, tp_degree=2), load_cached("random:gpt2"))
+        LLMEngine(
+            engine_config("random:gpt2", num_workers=2, tp_degree=2), load_cached("random:gpt2")
+        )
     with pytest.raises(ValueError, match="must divide the KV heads"):  # random:llama has 2
-        LLMEngine(config("random:llama", num_workers=4, tp_degree=4), load_cached("random:llama"))
+        LLMEngine(
+            engine_config("random:llama", num_workers=4, tp_degree=4), load_cached("random:llama")
+        )
     with pytest.raises(ValueError, match="exceed the model's 2 layers"):
-        LLMEngine(config("random:llama", num_workers=3), load_cached("random:llama"))
+        LLMEngine(engine_config("random:llama", num_workers=3), load_cached("random:llama"))
 
 
 @pytest.mark.parametrize("policy", ["rra", "waa_c"])
