@@ -90,11 +90,15 @@ def load_profile(ref: str | Path) -> Profile:
     (where `exegpt profile` output may be kept).
     """
     path = _resolve(str(ref))
+    return parse_profile(read_profile_json(path), source=str(path))
+
+
+def read_profile_json(path: Path) -> Any:
+    """A profile file's decoded JSON, unvalidated (parse_profile checks it)."""
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise PlanningError(f"malformed profile {path}: {exc}") from None
-    return parse_profile(raw, source=str(path))
 
 
 def _resolve(ref: str) -> Path:

@@ -21,20 +21,12 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from adaptive.profile import Profile, load_profile, parse_profile
+from adaptive.profile import Profile, load_profile, parse_profile, read_profile_json
 from engine.model_loader import LoadedModel, cache_dir
-from engine.profiler import (
-    MAX_INVERTED_SHARE,
-    QUICK,
-    ProfileOptions,
-    device_info,
-    inverted_share,
-    profile_model,
-)
+from engine.profiler import QUICK, ProfileOptions, device_info, is_clean, profile_model
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +48,13 @@ def serving_profile(loaded: LoadedModel, grid: str) -> Profile:
         return load_profile(grid)
     path = cache_path(loaded, grid)
     if path.is_file():
-        if _is_clean(json.loads(path.read_text())):
-            return load_profile(path)
+        cached = read_profile_json(path)
+        if is_clean(cached):
+            return parse_profile(cached, source=str(path))
         logger.warning("cached profile %s is noise-dominated: measuring again", path)
     logger.info("profiling %s (%s grid) on this device, once: %s", loaded.name, grid, path)
     raw = profile_model(loaded, GRIDS[grid], progress=False)
-    if not _is_clean(raw):
+    if not is_clean(raw):
         logger.warning("the profile stays noisy: used for this run, not cached")
         return parse_profile(raw, source=f"{path} (not cached: measured on a busy machine)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,12 +62,3 @@ def serving_profile(loaded: LoadedModel, grid: str) -> Profile:
     partial.write_text(json.dumps(raw, indent=1) + "\n")
     partial.replace(path)  # atomic: a concurrent start never reads half a file
     return parse_profile(raw, source=str(path))
-
-
-def _is_clean(raw: dict[str, Any]) -> bool:
-    """Whether every TP entry's grid passes the profiler's inversion check."""
-    kinds = ("encode", "decode", "cross_decode")
-    return all(
-        inverted_share({k: entry[k] for k in kinds if k in entry}) <= MAX_INVERTED_SHARE
-        for entry in raw.get("tp", [])
-    )

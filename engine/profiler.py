@@ -331,6 +331,15 @@ def inverted_share(layers: Points) -> float:
     return inverted / pairs if pairs else 0.0
 
 
+def is_clean(raw: dict[str, Any]) -> bool:
+    """Whether every TP entry of a profile's JSON passes the inversion check."""
+    kinds = ("encode", "decode", "cross_decode")
+    return all(
+        inverted_share({k: entry[k] for k in kinds if k in entry}) <= MAX_INVERTED_SHARE
+        for entry in raw.get("tp", [])
+    )
+
+
 def profile_model(
     loaded: LoadedModel, opts: ProfileOptions, *, progress: bool = True
 ) -> dict[str, Any]:
