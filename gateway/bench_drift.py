@@ -88,30 +88,33 @@ def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
 Workload = tuple[list[Query], list[list[int]]]  # a phase's queries and their prompts
 
 
-def phase_bounds(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(task, bound as given) per phase, validated."""
+Bound = tuple[str, float | None, bool]  # task, seconds or factor (None: none), is a factor
+
+
+def phase_bounds(args: argparse.Namespace) -> list[Bound]:
+    """Each phase's task and bound as given ("Nx": a factor of the tightest), validated."""
     tasks = [t.strip().upper() for t in args.phases.split(",") if t.strip()]
     slos = [s.strip().lower() for s in args.slos.split(",") if s.strip()]
     if not tasks or len(slos) != len(tasks):
         raise ValueError("--phases and --slos need one entry per phase")
-    for slo in slos:
+    bounds: list[Bound] = []
+    for task, slo in zip(tasks, slos, strict=True):
         try:
             value = None if slo == "none" else float(slo.removesuffix("x"))
         except ValueError:
             raise ValueError(f"bound {slo!r}: expected seconds, 'Nx' or 'none'") from None
         if value is not None and not value > 0:
             raise ValueError("bounds must be positive seconds, 'Nx' or 'none'")
+        bounds.append((task, value, slo.endswith("x")))
     if args.phase_s <= 0 or args.rate <= 0:
         raise ValueError("--phase-s and --rate must be positive")
-    return list(zip(tasks, slos, strict=True))
+    return bounds
 
 
-def resolve_bounds(
-    phases: list[tuple[str, str]], config: GatewayConfig, scale: float
-) -> list[PhaseSpec]:
+def resolve_bounds(phases: list[Bound], config: GatewayConfig, scale: float) -> list[PhaseSpec]:
     """Seconds for every bound; an "Nx" bound from the serving profile, loaded (or
     measured, once, and cached for the server) as the engine does."""
-    relative = {task for task, slo in phases if slo.endswith("x")}
+    relative = {task for task, _, is_factor in phases if is_factor}
     tightest: dict[str, float] = {}
     if relative:
         import torch
@@ -129,13 +132,10 @@ def resolve_bounds(
             dist = LengthDistribution.from_task(task, scale=scale)
             tightest[task] = target.tightest_bound(dist)
     specs = []
-    for task, slo in phases:
-        if slo == "none":
-            specs.append(PhaseSpec(task, None))
-        elif slo.endswith("x"):
-            specs.append(PhaseSpec(task, round(float(slo[:-1]) * tightest[task], 2)))
-        else:
-            specs.append(PhaseSpec(task, float(slo)))
+    for task, value, is_factor in phases:
+        if value is not None and is_factor:
+            value = round(value * tightest[task], 2)
+        specs.append(PhaseSpec(task, value))
     return specs
 
 
@@ -146,7 +146,7 @@ def run_drift(args: argparse.Namespace) -> int:
         raise ValueError("--modes takes adaptive, fixed or both")
     num = max(1, round(args.rate * args.phase_s))
     workloads: list[Workload] = []
-    for i, (task, _) in enumerate(phases):
+    for i, (task, _, _) in enumerate(phases):
         queries = task_queries(task, num, args.seed + i, args.scale)
         workloads.append((queries, make_prompts(queries, PROMPT_VOCAB, args.seed + i)))
     longest = max(q.prompt_len + q.output_len for queries, _ in workloads for q in queries)
