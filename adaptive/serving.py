@@ -8,11 +8,15 @@ a planned schedule is one the engine can run as planned:
     memory = weights + kv_per_token * num_slots * ctx_mean     (reserve 0)
     simulated KV = kv_per_token * (B_D * ctx_mean + B_E * in_mean) <= that  =>  B_D <= slots
 
-WAA plans over the engine's workers as devices of that memory each (exact for the rows with
-one decode worker, which holds them; with several the planned decode batch may exceed the
-rows, and the schedule's cap keeps it to them), without tensor parallelism (the engine's
-TP degree is its own). Its encode/decode split is chosen once, for the engine's start
-(`pinned`), and held: changing it would re-allocate the workers' layers (paper 7.6).
+Over model workers the other policies plan one device per pipeline stage (a TP group of
+the engine's counts as one device, priced at the profile's one-device times), the memory
+above shared out among them: the engine runs one lane per stage (engine/pipelined.py),
+the simulator's P mini-batches of B / P. WAA plans over the engine's workers as devices of
+that memory each (exact for the rows with one decode worker, which holds them; with
+several the planned decode batch may exceed the rows, and the schedule's cap keeps it to
+them), without tensor parallelism (the engine's TP degree is its own). Its encode/decode
+split is chosen once, for the engine's start (`pinned`), and held: changing it would
+re-allocate the workers' layers (paper 7.6).
 
 `scales` refit the profile to what the engine measures (controller): each kind's table of
 ln seconds is shifted by ln(scale), which keeps the tables monotone and subadditive.
@@ -55,7 +59,7 @@ class ServingTarget:
     profile: Profile
     num_slots: int
     policy: Policy
-    num_workers: int = 1  # the engine's model workers (WAA: the devices planned over)
+    num_workers: int = 1  # the engine's model workers
     tp_degree: int = 1  # the engine's; WAA's two sides are whole TP groups of it
     encode_workers: int = 0  # WAA: the split held fixed; 0: the planner's rule picks it
 
@@ -79,7 +83,10 @@ class ServingTarget:
         probe = Cluster(1, 1, 1.0, LOOPBACK, LOOPBACK, memory_reserve=0.0)
         ctx_mean = float(build_scenario(profile, probe, dist).vector[K.S_CTX_MEAN])
         memory = profile.weight_bytes + profile.kv_bytes_per_token * self.num_slots * ctx_mean
-        devices = self.num_workers if self.policy.is_waa else 1
+        devices = self.num_workers
+        if not self.policy.is_waa:
+            devices = self.num_workers // self.tp_degree  # pipeline stages
+            memory /= devices
         return Cluster(
             devices, 1, memory, LOOPBACK, LOOPBACK, host=LOOPBACK, memory_reserve=0.0, name="engine"
         )

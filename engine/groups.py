@@ -87,13 +87,22 @@ def weights_fingerprint(loaded: LoadedModel) -> torch.Tensor:
 _step_decoder = msgspec.msgpack.Decoder(WorkerStep)
 
 
-def send_step(step: WorkerStep, group: Any, timeout_s: float) -> None:
-    """The driver's side of the step broadcast. Gloo's broadcast waits for every receiver,
-    so a hung worker would hold it for the group's idle timeout: the wait is bounded here."""
-    data = torch.frombuffer(bytearray(msgspec.msgpack.encode(step)), dtype=torch.uint8)
-    timeout = timedelta(seconds=timeout_s)
-    for tensor in (torch.tensor([len(data)]), data):
-        dist.broadcast(tensor, src=0, group=group, async_op=True).wait(timeout)
+class SentStep:
+    """The driver's side of the step broadcast, sent without waiting (a worker takes the
+    step when done with the one before); its tensors live until it is waited for."""
+
+    def __init__(self, step: WorkerStep, group: Any) -> None:
+        data = torch.frombuffer(bytearray(msgspec.msgpack.encode(step)), dtype=torch.uint8)
+        self._tensors = (torch.tensor([len(data)]), data)
+        self._works = [
+            dist.broadcast(tensor, src=0, group=group, async_op=True) for tensor in self._tensors
+        ]
+
+    def wait(self, timeout_s: float) -> None:
+        """Gloo's broadcast waits for every receiver, so a hung worker would hold it for
+        the group's idle timeout: the wait is bounded here."""
+        for work in self._works:
+            work.wait(timedelta(seconds=timeout_s))
 
 
 def receive_step(group: Any) -> WorkerStep:

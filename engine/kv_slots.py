@@ -62,6 +62,9 @@ class SlotManager:
         self._slot_of[tail_owner] = slot
         return SlotMove(src=last, dst=slot)
 
+    def holds(self, owner: str) -> bool:
+        return owner in self._slot_of
+
     def slot_of(self, owner: str) -> int:
         return self._slot_of[owner]
 

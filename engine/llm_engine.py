@@ -3,7 +3,8 @@
 The engine is synchronous and single-threaded; whoever drives it (the engine process, a
 benchmark, `exegpt generate`) calls `step()` in a loop while `has_unfinished()`. Under a
 WAA schedule its workers are split into encode and decode workers for the engine's life,
-and its steps are the decode side's (engine/waa.py).
+and its steps are the decode side's (engine/waa.py). On workers in pipeline stages it runs
+one lane per stage, each step serving the next lane (engine/pipelined.py).
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import torch
 
 from adaptive.schedule import Policy, Schedule
 from engine.detokenizer import DetokenizerState, next_text
-from engine.layout import Allocation
+from engine.layout import Allocation, split_evenly
 from engine.model_loader import LoadedModel, load_model
 from engine.models import ModelExecutor, build_executor
+from engine.pipelined import LaneRunner, LaneStep
 from engine.protocol import WorkerSpec
 from engine.request import Request
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
-from engine.scheduler import Phase, Scheduler, StepPlan
+from engine.scheduler import Phase, RequestTable, Scheduler, StepPlan
 from engine.waa import WaaRunner, WaaScheduler
 from engine.workers import WorkerFailure, WorkerGroup
 
@@ -115,21 +117,17 @@ class StepCounters:
     decode_steps: int = 0
     prompt_tokens: int = 0  # tokens encoded
     decode_rows: int = 0  # rows computed by decoding iterations (held finished rows included)
-    encode_s: float = 0.0  # time in the model runner (forward and sampling), by phase
-    decode_s: float = 0.0
 
-    def record(self, plan: StepPlan, seconds: float) -> None:
-        # WAA: the encode workers encode what is handed to them, outside the step's time
+    def record(self, plan: StepPlan) -> None:
+        # WAA: the encode workers encode what is handed to them, apart from the steps
         self.prompt_tokens += sum(r.num_prompt_tokens for r in plan.dispatched)
         if plan.phase is Phase.ENCODE:
             self.encode_steps += 1
             self.prompt_tokens += sum(r.num_prompt_tokens for r in plan.requests)
             self.decode_rows += len(plan.carried)
-            self.encode_s += seconds
         elif plan.requests:  # (a WAA step without rows waited for the encode workers)
             self.decode_steps += 1
             self.decode_rows += len(plan.requests)
-            self.decode_s += seconds
 
     @property
     def computed_tokens(self) -> int:
@@ -142,12 +140,23 @@ class StepTiming:
 
     An encoding phase that carried the running rows' iteration is reported as encoding;
     its time includes those rows, which the planner prices as a decoding iteration of its
-    own, so the refit errs on the slow side."""
+    own, so the refit errs on the slow side. A pipelined lane's step is timed from its
+    submission to its logits: its way through every stage, which the planner prices as
+    one device's time for its batch."""
 
     is_encode: bool
     batch: int
     length: float  # mean prompt length (encode) or mean cached context (decode)
     seconds: float
+
+
+@dataclass
+class Lane:
+    """A scheduler over its own cache rows, its runner, and its step in flight."""
+
+    scheduler: Scheduler
+    runner: ModelRunner
+    step: LaneStep | None = None
 
 
 class LLMEngine:
@@ -174,21 +183,45 @@ class LLMEngine:
             executor = self.workers = WorkerGroup(self.model, spec)
         else:
             executor = build_executor(self.model, config.max_num_seqs, self.max_model_len)
-        eos_ids = self.model.eos_token_ids
-        self.runner: ModelRunner
-        self.scheduler: Scheduler
-        if self.workers is not None and self.allocation.encode_workers:
-            self.runner = WaaRunner(self.workers, self.model.is_encoder_decoder)
-            self.scheduler = WaaScheduler(config.schedule, config.max_num_seqs, eos_ids)
-        else:
-            self.runner = ModelRunner(executor, self.model.is_encoder_decoder)
-            self.scheduler = Scheduler(
-                config.schedule, config.max_num_seqs, eos_ids, carry_decode=config.carry_decode
-            )
+        self.lanes = self._lanes(executor)
+        self._turn = 0  # the lane the next step serves
         self._detok: dict[str, DetokenizerState] = {}
         self._aborted: list[Request] = []
         self.counters = StepCounters()
         self.last_step: StepTiming | None = None
+
+    def _lanes(self, executor: ModelExecutor) -> list[Lane]:
+        """One lane, or one per pipeline stage (engine/pipelined.py) on workers in stages."""
+        config, eos_ids = self.config, self.model.eos_token_ids
+        is_encdec = self.model.is_encoder_decoder
+        if self.workers is not None and self.allocation.encode_workers:
+            waa = WaaScheduler(config.schedule, config.max_num_seqs, eos_ids)
+            return [Lane(waa, WaaRunner(self.workers, is_encdec))]
+        stages = self.allocation.decode.num_stages if self.workers is not None else 1
+        count = min(stages, config.max_num_seqs)
+        table = RequestTable()
+        lanes = []
+        for rows in split_evenly(config.max_num_seqs, count):
+            scheduler = Scheduler(
+                config.schedule,
+                len(rows),
+                eos_ids,
+                carry_decode=config.carry_decode,
+                lanes=count,
+                table=table,
+            )
+            runner = ModelRunner(executor, is_encdec)
+            if count > 1:
+                assert self.workers is not None
+                runner = LaneRunner(self.workers, is_encdec, rows.start)
+            lanes.append(Lane(scheduler, runner))
+        return lanes
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler of an engine that is not pipelined (one lane)."""
+        assert len(self.lanes) == 1, "a pipelined engine has a scheduler per lane"
+        return self.lanes[0].scheduler
 
     def close(self) -> None:
         """Stop the model workers, if any (the engine cannot step afterwards)."""
@@ -208,62 +241,88 @@ class LLMEngine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"the context limit of {self.max_model_len} tokens"
             )
-        self.scheduler.add(Request(request_id, list(prompt_ids), params))
+        self.lanes[0].scheduler.add(Request(request_id, list(prompt_ids), params))
         self._detok[request_id] = DetokenizerState()
 
     def abort_request(self, request_id: str) -> None:
-        request = self.scheduler.abort(request_id)
+        request = self._lane_of(request_id).scheduler.abort(request_id)
         if request is not None:
             self._aborted.append(request)
 
+    def _lane_of(self, request_id: str) -> Lane:
+        """The lane whose row the request holds; the first while it holds none (the
+        lanes share the queue)."""
+        holders = [lane for lane in self.lanes if lane.scheduler.slots.holds(request_id)]
+        return holders[0] if holders else self.lanes[0]
+
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.num_unfinished or self._aborted)
+        in_flight = any(lane.step is not None for lane in self.lanes)
+        return bool(self.lanes[0].scheduler.num_unfinished or self._aborted or in_flight)
 
     def set_schedule(self, schedule: Schedule) -> None:
         if self.config.allocation_for(schedule) != self.allocation:
             raise ValueError(
                 f"{schedule.describe()} splits the workers otherwise than "
-                f"{self.scheduler.schedule_value.describe()}: re-allocating their layers "
-                "needs a new engine"
+                f"{self.lanes[0].scheduler.schedule_value.describe()}: re-allocating their "
+                "layers needs a new engine"
             )
-        self.scheduler.set_schedule(schedule)
+        for lane in self.lanes:
+            lane.scheduler.set_schedule(schedule)
 
     def stats(self) -> EngineStats:
+        schedulers = [lane.scheduler for lane in self.lanes]
         return EngineStats(
-            num_waiting=len(self.scheduler.waiting),
-            num_running=self.scheduler.slots.num_used,
-            num_free_slots=self.scheduler.slots.num_free,
-            schedule=self.scheduler.schedule_value,
+            num_waiting=len(schedulers[0].waiting),
+            num_running=sum(s.slots.num_used for s in schedulers),
+            num_free_slots=sum(s.slots.num_free for s in schedulers),
+            schedule=schedulers[0].schedule_value,
         )
 
     def step(self) -> list[RequestOutput]:
+        """Serve the next lane: take its step in flight, if any, then plan and start its
+        next one (with one lane, run it to the end)."""
         outputs = [self._output(r, [], "") for r in self._aborted]
         self._aborted.clear()
-        plan = self.scheduler.schedule()
-        if plan is None:
-            return outputs
-        start = time.perf_counter()
+        lane = self.lanes[self._turn]
+        self._turn = (self._turn + 1) % len(self.lanes)
         try:
-            result = self.runner.execute(plan)
+            if lane.step is not None:
+                outputs += self._complete(lane)
+            plan = lane.scheduler.schedule()
+            if plan is not None:
+                start = time.perf_counter()
+                lane.step = LaneStep(plan, lane.runner.submit(plan), start)
+                if not lane.runner.is_pipelined:
+                    outputs += self._complete(lane)
         except WorkerFailure:  # the caches went with the group
-            self._aborted += self.scheduler.fail_started()
+            for each in self.lanes:
+                self._aborted += each.scheduler.fail_started()
+                each.step = None
             raise
-        seconds = time.perf_counter() - start
-        self.counters.record(plan, seconds)
+        return outputs
+
+    def _complete(self, lane: Lane) -> list[RequestOutput]:
+        """Wait for the lane's step in flight and apply its result."""
+        assert lane.step is not None
+        plan = lane.step.plan
+        result, seconds = lane.step.finish()
+        lane.step = None
+        self.counters.record(plan)
         if plan.requests:  # (a WAA step may only have waited for the encode workers)
             is_encode = plan.phase is Phase.ENCODE
             lengths = [
-                r.num_prompt_tokens if is_encode else self.runner.context_len(r)
+                r.num_prompt_tokens if is_encode else lane.runner.context_len(r)
                 for r in plan.requests
             ]
             mean = sum(lengths) / len(lengths)
             self.last_step = StepTiming(is_encode, len(lengths), mean, seconds)
-        for request in self.scheduler.update(plan, result):
-            text = self._new_text(request)
+        outputs = []
+        for request in lane.scheduler.update(plan, result):
+            text = self._new_text(lane.scheduler, request)
             outputs.append(self._output(request, request.output_ids[-1:], text))
         return outputs
 
-    def _new_text(self, request: Request) -> str:
+    def _new_text(self, scheduler: Scheduler, request: Request) -> str:
         if not self.config.detokenize:
             return ""
         state = self._detok[request.request_id]
@@ -275,7 +334,7 @@ class LLMEngine:
                 # release only what precedes the stop string
                 released_before = len(request.output_text) - len(text)
                 request.output_text = request.output_text[:cut]
-                self.scheduler.finish_stopped(request)
+                scheduler.finish_stopped(request)
                 return request.output_text[released_before:]
         return text
 

@@ -24,6 +24,15 @@ An encoder-decoder model (T5, pipeline stages only) makes two passes of one micr
 the encoder blocks over the new queries, whose output every stage needs for its
 cross-attention, then the decoder step.
 
+Nothing in a step waits for a later stage: the driver posts the receives of the step's
+logits when it starts the step and takes them later (`Pending`), and a stage's sends
+complete when the next step needs the link again. So the driver may start further steps
+on other cache rows before the first one's logits are back, and each stage works on a
+different step at once (engine/pipelined.py keeps one step per stage in flight):
+
+    stage 0:  A0  B0  A1  B1  A2          A, B: steps over two sets of rows; A1 starts
+    stage 1:      A0  B0  A1  B1          once A0's logits are sampled
+
 Under WAA (`Allocation` with encode workers) the group is two such pipelines side by side:
 the driver's side decodes, step by step as above; the encode side runs the same stages on
 each encode batch it is handed and passes the prompts' KV on (engine/handover.py). The
@@ -36,6 +45,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -75,16 +85,17 @@ class StageWorker(ABC):
         self.is_driver_side = layout.first_rank == 0
         self.incoming: deque[Incoming] = deque()
         self.expect: Callable[[list[int]], Incoming] | None = None  # set by make_stage
+        self._sends: list[dist.Work] = []  # to the next stage, in flight
 
     @property
     def is_last_stage(self) -> bool:
         return self.stage == self.layout.num_stages - 1
 
     @torch.inference_mode()
-    def run(self, step: WorkerStep) -> torch.Tensor | None:
-        """This rank's part of the step; the logits where this rank is the driver. Order:
-        the moves (rows compacted), the arrived encode batches (rows placed after them),
-        the forward."""
+    def run(self, step: WorkerStep) -> Pending | None:
+        """This rank's part of the step; the logits to come where this rank is the driver.
+        Order: the moves (rows compacted), the arrived encode batches (rows placed after
+        them), the forward."""
         for src, dst, length in step.moves:
             self.executor.move_slot(src, dst, length)
         if step.encodes or step.installs:
@@ -93,16 +104,27 @@ class StageWorker(ABC):
             for rows in step.installs:
                 self.incoming.popleft().install(self.executor, rows)
         if not (step.items or step.token_ids):
-            return torch.empty(0, self.vocab_size) if self.rank == 0 else None
+            if self.rank != 0:
+                return None
+            return Pending([torch.empty(0, self.vocab_size)], [], lambda parts: parts[0])
         items = [EncodeItem(slot, ids) for slot, ids in step.items]
-        return self.forward(items, step.token_ids, step.context_lens, step.num_microbatches)
+        return self.forward(
+            items, step.token_ids, step.context_lens, step.num_microbatches, step.first_row
+        )
 
     @torch.inference_mode()
     def encode(self, order: EncodeOrder) -> torch.Tensor | None:
         """WAA's encode side: encode a batch, query i into cache row i; returns the first
         tokens' logits [queries, vocab] on the last stage (None elsewhere)."""
         items = [EncodeItem(row, prompt) for row, prompt in enumerate(order.prompts)]
-        return self.forward(items, [], [])
+        pending = self.forward(items, [], [])
+        return None if pending is None else pending.wait(timedelta(0))  # computed here
+
+    def finish_sends(self) -> None:
+        """Wait for this rank's sends to the next stage (before leaving the group)."""
+        for send in self._sends:
+            send.wait()
+        self._sends = []
 
     @abstractmethod
     def forward(
@@ -111,18 +133,22 @@ class StageWorker(ABC):
         token_ids: list[int],
         context_lens: list[int],
         num_microbatches: int = 0,
-    ) -> torch.Tensor | None:
-        """ModelExecutor.forward's arguments and the micro-batches to cut the step into (0:
-        one per stage); returns the logits on the driver, or, on WAA's encode side, on the
-        last stage."""
+        first_row: int = 0,
+    ) -> Pending | None:
+        """ModelExecutor.forward's arguments (the running rows are cache rows from
+        `first_row` on) and the micro-batches to cut the step into (0: one per stage);
+        returns the logits to come on the driver, or, on WAA's encode side, on the last
+        stage."""
 
     def _pipe(self, passes: list[Pass], dtype: torch.dtype) -> list[torch.Tensor]:
         """Micro-batches down the pipeline: stage 0 computes each pass's `first()`, later
         stages receive it from the stage before; each stage applies its `layers` and sends
         the result on without waiting, so stage s works on micro-batch c while stage s+1
-        works on c-1. Returns this stage's outputs (the results, on the last stage)."""
+        works on c-1. The sends complete by the next pass down the same link, so a stage
+        goes on to the next step while the next stage finishes this one. Returns this
+        stage's outputs (the results, on the last stage)."""
         tp = self.layout.tp_degree
-        sends = []
+        self.finish_sends()
         outs = []
         for p in passes:
             if self.stage == 0:
@@ -132,10 +158,8 @@ class StageWorker(ABC):
                 dist.recv(h, src=self.rank - tp, group=self.groups.side)
             h = p.layers(h)
             if not self.is_last_stage:
-                sends.append(self._isend(h, self.rank + tp))
+                self._sends.append(self._isend(h, self.rank + tp))
             outs.append(h)
-        for send in sends:
-            send.wait()
         return outs
 
     def _isend(self, tensor: torch.Tensor, dst: int) -> dist.Work:
@@ -144,22 +168,25 @@ class StageWorker(ABC):
         return work
 
     def _deliver(
-        self, logits: list[Callable[[], torch.Tensor]], num_rows: list[int]
-    ) -> list[torch.Tensor] | None:
-        """Each micro-batch's logits, computed by the last stage and received by the driver
-        (None on every other rank); on WAA's encode side, kept by the last stage."""
+        self,
+        logits: list[Callable[[], torch.Tensor]],
+        num_rows: list[int],
+        assemble: Callable[[list[torch.Tensor]], torch.Tensor],
+    ) -> Pending | None:
+        """Each micro-batch's logits, computed by the last stage, for the driver (None on
+        every other rank; on WAA's encode side, kept by the last stage). The driver posts
+        its receives and returns; the last stage's sends wait for them."""
         if self.rank == self.last_rank:
             outs = [compute() for compute in logits]
             if self.rank == 0 or not self.is_driver_side:
-                return outs
+                return Pending(outs, [], assemble)
             for work in [self._isend(out, 0) for out in outs]:
                 work.wait()
         if self.rank != 0:
             return None
         outs = [torch.empty(rows, self.vocab_size) for rows in num_rows]  # [rows, vocab] f32
-        for out in outs:
-            dist.recv(out, src=self.last_rank, group=self.groups.side)
-        return outs
+        receives = [dist.irecv(out, src=self.last_rank, group=self.groups.side) for out in outs]
+        return Pending(outs, [work for work in receives if work is not None], assemble)
 
 
 @dataclass(frozen=True)
@@ -169,6 +196,26 @@ class Pass:
     first: Callable[[], torch.Tensor]  # stage 0's input
     layers: Callable[[torch.Tensor], torch.Tensor]  # every stage's own layers
     shape: tuple[int, int]  # of what a stage receives
+
+
+class Pending:
+    """The driver's logits of a step in flight: its micro-batches' logits, computed here
+    or on their way from the last stage (`receives`); `wait` assembles them."""
+
+    def __init__(
+        self,
+        parts: list[torch.Tensor],
+        receives: list[dist.Work],
+        assemble: Callable[[list[torch.Tensor]], torch.Tensor],
+    ) -> None:
+        self._parts = parts
+        self._receives = receives
+        self._assemble = assemble
+
+    def wait(self, timeout: timedelta) -> torch.Tensor:
+        for work in self._receives:
+            work.wait(timeout)
+        return self._assemble(self._parts)
 
 
 class DecoderOnlyStage(StageWorker):
@@ -197,30 +244,38 @@ class DecoderOnlyStage(StageWorker):
         token_ids: list[int],
         context_lens: list[int],
         num_microbatches: int = 0,
-    ) -> torch.Tensor | None:
+        first_row: int = 0,
+    ) -> Pending | None:
         ex = self.executor
         parts = self._micro_batches(
-            items, token_ids, context_lens, num_microbatches or self.layout.num_stages
+            items, token_ids, context_lens, num_microbatches or self.layout.num_stages, first_row
         )
         passes = [
             Pass(partial(ex.embed, b), partial(ex.run_layers, b), (b.num_tokens, ex.hidden_size))
             for b in parts
         ]
         hs = self._pipe(passes, ex.dtype)  # [packed + n, hidden] each
-        logits = self._deliver(
+
+        def assemble(logits: list[torch.Tensor]) -> torch.Tensor:
+            # each micro-batch's logits are its queries', then its rows'; the step's are
+            # all the queries', then all the rows'
+            queries = [out[: len(b.items)] for out, b in zip(logits, parts, strict=True)]
+            rows = [out[len(b.items) :] for out, b in zip(logits, parts, strict=True)]
+            return torch.cat(queries + rows)
+
+        return self._deliver(
             [partial(ex.logits, b, h) for b, h in zip(parts, hs, strict=True)],
             [b.num_logits for b in parts],
+            assemble,
         )
-        if logits is None:
-            return None
-        # each micro-batch's logits are its queries', then its rows'; the step's are all
-        # the queries', then all the rows'
-        queries = [out[: len(b.items)] for out, b in zip(logits, parts, strict=True)]
-        rows = [out[len(b.items) :] for out, b in zip(logits, parts, strict=True)]
-        return torch.cat(queries + rows)
 
     def _micro_batches(
-        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int], parts: int
+        self,
+        items: list[EncodeItem],
+        token_ids: list[int],
+        context_lens: list[int],
+        parts: int,
+        first_row: int,
     ) -> list[StepBatch]:
         """`parts` micro-batches (fewer when the step has fewer queries and rows):
         contiguous runs of the queries to encode and of the running rows."""
@@ -232,7 +287,7 @@ class DecoderOnlyStage(StageWorker):
                 items[q.start : q.stop],
                 token_ids[r.start : r.stop],
                 context_lens[r.start : r.stop],
-                first_row=r.start,
+                first_row=first_row + r.start,
             )
             for q, r in ranges
             if len(q) or len(r)
@@ -270,7 +325,8 @@ class T5Stage(StageWorker):
         token_ids: list[int],
         context_lens: list[int],
         num_microbatches: int = 0,
-    ) -> torch.Tensor | None:
+        first_row: int = 0,
+    ) -> Pending | None:
         ex = self.executor
         if items:
             packed = sum(len(item.token_ids) for item in items)
@@ -284,7 +340,7 @@ class T5Stage(StageWorker):
                 enc = ex.encoder_finish(enc)
             dist.broadcast(enc, src=self.last_rank, group=self.groups.side)
             ex.store_cross(items, enc)
-        batch = ex.decode_batch(items, token_ids, context_lens)
+        batch = ex.decode_batch(items, token_ids, context_lens, first_row)
         rows = len(batch.slots)
         decode = Pass(
             partial(ex.decoder_embed, batch),
@@ -292,8 +348,7 @@ class T5Stage(StageWorker):
             (rows, ex.hidden_size),
         )
         (h,) = self._pipe([decode], ex.dtype)  # [rows, d_model]
-        logits = self._deliver([partial(ex.logits, h)], [rows])
-        return None if logits is None else logits[0]
+        return self._deliver([partial(ex.logits, h)], [rows], lambda logits: logits[0])
 
 
 def make_stage(

@@ -113,11 +113,15 @@ class WorkloadAware:
         return True
 
 
-def make_policy(schedule: Schedule) -> SchedulingPolicy:
+def make_policy(schedule: Schedule, lanes: int = 1) -> SchedulingPolicy:
+    """The policy of one of `lanes` schedulers that share the schedule's batches
+    (engine/pipelined.py): each takes 1/lanes of them, rounded up."""
+    encode_batch = -(-schedule.encode_batch // lanes)
+    max_batch = -(-schedule.max_batch // lanes)
     if schedule.policy is Policy.RRA:
-        return RoundRobin(schedule.encode_batch, schedule.decode_iters, schedule.max_batch)
+        return RoundRobin(encode_batch, schedule.decode_iters, max_batch)
     if schedule.policy is Policy.STATIC:
-        return StaticBatching(schedule.encode_batch)
+        return StaticBatching(encode_batch)
     if schedule.policy is Policy.CONTINUOUS:
-        return ContinuousBatching(schedule.max_batch)
-    return WorkloadAware(schedule.encode_batch, schedule.max_batch)
+        return ContinuousBatching(max_batch)
+    return WorkloadAware(encode_batch, max_batch)

@@ -231,6 +231,7 @@ class WorkerStep(msgspec.Struct, frozen=True, array_like=True):
     encodes: list[list[int]] = []  # WAA: prompt lengths of each encode batch handed out
     installs: list[list[int]] = []  # WAA: each arrived batch's rows, -1: query not kept
     num_microbatches: int = 0  # decoder micro-batches; 0: one per pipeline stage
+    first_row: int = 0  # the running rows are cache rows [first_row, first_row + n)
 
 
 class EncodeOrder(msgspec.Struct, frozen=True, array_like=True):

@@ -7,6 +7,8 @@ drives split workers, is in engine/waa.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.profiler import record_function
 
@@ -18,6 +20,9 @@ from engine.scheduler import Phase, StepPlan, StepResult
 
 
 class ModelRunner:
+    # whether `submit` returns before the step is done (engine/pipelined.py)
+    is_pipelined = False
+
     def __init__(self, executor: ModelExecutor, is_encoder_decoder: bool) -> None:
         self.executor = executor
         self.is_encoder_decoder = is_encoder_decoder
@@ -31,25 +36,37 @@ class ModelRunner:
         cached_outputs = max(request.num_output_tokens - 1, 0)
         return cached_outputs + (1 if self.is_encoder_decoder else request.num_prompt_tokens)
 
+    def submit(self, plan: StepPlan) -> Callable[[], StepResult]:
+        """Start the plan's step; the callable gives its result. Here the step runs to the
+        end first."""
+        result = self.execute(plan)
+        return lambda: result
+
     def execute(self, plan: StepPlan) -> StepResult:
         # the labels let `engine.efficiency.profile_steps` sort a step's time; free otherwise
         with record_function(PHASE_LABELS[plan.phase.value]):
             self._move_rows(plan)
-            items = []
-            if plan.phase is Phase.ENCODE:
-                for r in plan.requests:
-                    assert r.slot is not None, f"request {r.request_id} scheduled without a row"
-                    items.append(EncodeItem(slot=r.slot, token_ids=r.prompt_ids))
-            rows = plan.carried if plan.phase is Phase.ENCODE else plan.requests
-            logits = self.executor.forward(
-                items, [r.output_ids[-1] for r in rows], [self.context_len(r) for r in rows]
-            )
+            logits = self.executor.forward(*self._inputs(plan))
             return StepResult(self._sample(logits, plan.computed))
 
-    def _move_rows(self, plan: StepPlan) -> None:
+    def _inputs(
+        self, plan: StepPlan, first_row: int = 0
+    ) -> tuple[list[EncodeItem], list[int], list[int]]:
+        """ModelExecutor.forward's arguments for the plan, its rows counted from
+        `first_row` in the cache."""
+        items = []
+        if plan.phase is Phase.ENCODE:
+            for r in plan.requests:
+                assert r.slot is not None, f"request {r.request_id} scheduled without a row"
+                items.append(EncodeItem(slot=first_row + r.slot, token_ids=r.prompt_ids))
+        rows = plan.carried if plan.phase is Phase.ENCODE else plan.requests
+        return items, [r.output_ids[-1] for r in rows], [self.context_len(r) for r in rows]
+
+    def _move_rows(self, plan: StepPlan, first_row: int = 0) -> None:
         with record_function(KV_MOVE_LABEL):
             for move in plan.moves:
-                self.executor.move_slot(move.src, move.dst, self.context_len(move.request))
+                length = self.context_len(move.request)
+                self.executor.move_slot(first_row + move.src, first_row + move.dst, length)
 
     @staticmethod
     def _sample(logits: torch.Tensor, requests: tuple[Request, ...]) -> list[int]:

@@ -74,10 +74,21 @@ class StepResult:
     arrived: list[list[int]] = field(default_factory=list)
 
 
+@dataclass
+class RequestTable:
+    """The queue and the live requests, shared by the schedulers of a pipelined engine."""
+
+    waiting: deque[Request] = field(default_factory=deque)
+    requests: dict[str, Request] = field(default_factory=dict)  # unfinished or row-holding
+
+
 class Scheduler:
     """carry_decode: an encoding phase also runs the running batch's next decoding
     iteration in the same forward pass (ORCA's selective batching), so the running queries
-    never stall while new ones are encoded; False gives the paper's strict alternation."""
+    never stall while new ones are encoded; False gives the paper's strict alternation.
+
+    A pipelined engine (engine/pipelined.py) runs `lanes` schedulers, each over rows of
+    its own and 1/lanes of the schedule's batches, taking queries from one `table`."""
 
     def __init__(
         self,
@@ -86,15 +97,19 @@ class Scheduler:
         eos_ids: frozenset[int],
         *,
         carry_decode: bool = True,
+        lanes: int = 1,
+        table: RequestTable | None = None,
     ) -> None:
         self.eos_ids = eos_ids
         self.carry_decode = carry_decode
+        self.lanes = lanes
         self.slots = SlotManager(num_slots)
         self.schedule_value = schedule
         self.policy: SchedulingPolicy = self._policy_for(schedule)
         self._next_schedule: Schedule | None = None
-        self.waiting: deque[Request] = deque()
-        self.requests: dict[str, Request] = {}  # every unfinished or row-holding request
+        table = table or RequestTable()
+        self.waiting = table.waiting
+        self.requests = table.requests
         self._pending_moves: list[RowMove] = []
         self._iters_since_encode = 0
 
@@ -127,7 +142,7 @@ class Scheduler:
                 f"policy {schedule.policy.value} encodes on separate workers: it needs an "
                 "engine started with a WAA schedule over 2 or more workers"
             )
-        return make_policy(schedule)
+        return make_policy(schedule, self.lanes)
 
     @property
     def num_unfinished(self) -> int:
@@ -139,8 +154,14 @@ class Scheduler:
 
     def fail_started(self) -> list[Request]:
         """The model workers were lost, and with them every cache row: finish the requests
-        that held one as aborted (the caller reports the failure); waiting ones stay."""
-        started = [r for r in self.requests.values() if r.status > RequestStatus.WAITING]
+        that held one of this scheduler's as aborted (the caller reports the failure);
+        waiting ones stay."""
+        started = [
+            r
+            for r in self.requests.values()
+            if r.status > RequestStatus.WAITING
+            and (r.slot is None or self.slots.holds(r.request_id))
+        ]
         for request in started:
             self._finish(request, RequestStatus.FINISHED_ABORTED)
         self._pending_moves = []

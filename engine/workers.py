@@ -30,18 +30,19 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 
 import msgspec
 import torch
 import torch.distributed as dist
 
-from engine.groups import RankGroups, join_group, receive_step, send_step
+from engine.groups import RankGroups, SentStep, join_group, receive_step
 from engine.handover import EncodeQueue, hand_over, receive_order, send_order
 from engine.layout import Allocation
 from engine.model_loader import LoadedModel, load_model
 from engine.models.base import EncodeItem
-from engine.parallel import StageWorker, make_stage
+from engine.parallel import Pending, StageWorker, make_stage
 from engine.protocol import EncodeOrder, WorkerSpec, WorkerStep
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,15 @@ LOAD_TIMEOUT_S = 900.0
 
 class WorkerFailure(RuntimeError):
     """A worker died or a step's collective failed; the group is gone."""
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A step submitted to the group, its logits not taken yet."""
+
+    sent: SentStep
+    logits: Pending
+    generation: int  # of the group it runs on
 
 
 class WorkerGroup:
@@ -71,6 +81,7 @@ class WorkerGroup:
         self._encodes: EncodeQueue | None = None
         self._moves: list[tuple[int, int, int]] = []
         self._is_closed = False
+        self._generation = 0  # counts the groups started, so a step outlives none
         self._start()
 
     @property
@@ -83,6 +94,34 @@ class WorkerGroup:
         return self._run(
             WorkerStep([(item.slot, item.token_ids) for item in items], token_ids, context_lens)
         )
+
+    def submit(
+        self,
+        items: list[EncodeItem],
+        token_ids: list[int],
+        context_lens: list[int],
+        first_row: int = 0,
+    ) -> InFlight:
+        """Start `forward` as one micro-batch over the running rows [first_row,
+        first_row + n): this process computes the first stage's share and returns; the
+        other stages work on it meanwhile. `collect` takes the logits, in the order the
+        steps were submitted; steps in flight together must hold different rows."""
+        step = WorkerStep(
+            [(item.slot, item.token_ids) for item in items],
+            token_ids,
+            context_lens,
+            num_microbatches=1,
+            first_row=first_row,
+        )
+        return self._submit(step)
+
+    def collect(self, step: InFlight) -> torch.Tensor:
+        """The logits of a submitted step (ModelExecutor.forward's)."""
+        if step.generation != self._generation:
+            raise WorkerFailure("the model worker group that ran this step is gone")
+        with self._failing():
+            step.sent.wait(self.spec.timeout_s)
+            return step.logits.wait(timedelta(seconds=self.spec.timeout_s))
 
     def decode(
         self,
@@ -126,7 +165,7 @@ class WorkerGroup:
                     self._encodes.take(True, self._check_alive)
                     for work in send_order(EncodeOrder(is_stop=True), self._encode_ranks):
                         work.wait(timedelta(seconds=STOP_WAIT_S))
-                send_step(WorkerStep(is_stop=True), self._groups.steps, STOP_WAIT_S)
+                SentStep(WorkerStep(is_stop=True), self._groups.steps).wait(STOP_WAIT_S)
             except (RuntimeError, dist.DistError):
                 logger.warning("a model worker was gone before the stop")
         self._stop_processes(STOP_WAIT_S)
@@ -137,6 +176,9 @@ class WorkerGroup:
         return range(0) if self.allocation.encode is None else self.allocation.encode.ranks
 
     def _run(self, step: WorkerStep, encodes: list[list[list[int]]] | None = None) -> torch.Tensor:
+        return self.collect(self._submit(step, encodes))
+
+    def _submit(self, step: WorkerStep, encodes: list[list[list[int]]] | None = None) -> InFlight:
         if self._is_closed:
             raise RuntimeError("the model workers are closed")
         if self._stage is None:
@@ -150,10 +192,10 @@ class WorkerGroup:
             for prompts in encodes or []:
                 assert self._encodes is not None, "encode batches without encode workers"
                 self._encodes.put(prompts)
-            send_step(step, self._groups.steps, self.spec.timeout_s)
+            sent = SentStep(step, self._groups.steps)
             logits = self._stage.run(step)
         assert logits is not None  # the driver always receives them
-        return logits
+        return InFlight(sent, logits, self._generation)
 
     @contextmanager
     def _failing(self) -> Iterator[None]:
@@ -167,6 +209,7 @@ class WorkerGroup:
     def _start(self) -> None:
         if dist.is_initialized():
             raise RuntimeError("this process already drives a model worker group")
+        self._generation += 1
         port = _free_port()
         store = dist.TCPStore(
             "127.0.0.1",
@@ -285,6 +328,7 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
     if stage.is_driver_side:
         while not (step := receive_step(groups.steps)).is_stop:
             stage.run(step)
+        stage.finish_sends()
     else:
         while not (order := receive_order()).is_stop:
             hand_over(stage, allocation.decode, order, stage.encode(order), spec.timeout_s)

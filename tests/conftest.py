@@ -80,9 +80,10 @@ def run_to_end():  # type: ignore[no-untyped-def]
         while engine.has_unfinished():
             for out in engine.step():
                 got[out.request_id] += out.new_token_ids
-            engine.scheduler.slots.check_integrity()
-            assert engine.scheduler.slots.num_used <= engine.config.max_num_seqs
-        assert engine.scheduler.slots.num_used == 0
+            for lane in engine.lanes:
+                lane.scheduler.slots.check_integrity()
+            assert engine.stats().num_running <= engine.config.max_num_seqs
+        assert engine.stats().num_running == 0
         return got
 
     return run

@@ -153,10 +153,17 @@ class T5Executor:
     # -- decoder: one step over the slot caches ---------------------------------------------
 
     def decode_batch(
-        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+        self,
+        items: list[EncodeItem],
+        token_ids: list[int],
+        context_lens: list[int],
+        first_row: int = 0,
     ) -> DecodeBatch:
+        """The new queries' first decoder step, in their slots, and one step of the running
+        rows, cache rows [first_row, first_row + n)."""
+        rows = range(first_row, first_row + len(token_ids))
         return DecodeBatch(
-            slots=torch.tensor([item.slot for item in items] + list(range(len(token_ids)))),
+            slots=torch.tensor([item.slot for item in items] + list(rows)),
             token_ids=torch.tensor([self.start_id] * len(items) + token_ids),
             positions=torch.tensor([0] * len(items) + context_lens),
         )

@@ -229,3 +229,19 @@ def test_waa_plans_over_the_workers_and_keeps_the_split_it_started_with(opt13b: 
     assert tp2.pinned(s_task, None).encode_workers == 2  # whole TP groups on either side
     with pytest.raises(ValueError, match="2 or more"):
         ServingTarget(opt13b, 64, Policy.WAA_M)
+
+
+def test_rra_over_workers_plans_one_device_per_pipeline_stage(opt13b: Profile) -> None:
+    """The engine runs one lane per stage (engine/pipelined.py), the simulator's P
+    mini-batches: the planner prices the stages as devices sharing the KV rows, so two
+    stages promise more throughput than one device and no more running rows."""
+    s_task = LengthDistribution.from_task("S")
+    one = ServingTarget(opt13b, 64, Policy.RRA)
+    two = ServingTarget(opt13b, 64, Policy.RRA, num_workers=2)
+    two_of_tp2 = ServingTarget(opt13b, 64, Policy.RRA, num_workers=4, tp_degree=2)
+    assert two.cluster(opt13b, s_task).num_devices == 2
+    assert two_of_tp2.cluster(opt13b, s_task).num_devices == 2
+    single, piped = one.solve(s_task, None), two.solve(s_task, None)
+    assert piped.schedule.num_workers == 2
+    assert piped.prediction.throughput_req_s > 1.1 * single.prediction.throughput_req_s
+    assert piped.prediction.decode_batch <= 64 and piped.schedule.max_batch <= 64

@@ -76,7 +76,7 @@ def test_rra_with_one_decode_iteration_schedules_like_continuous(load_cached, mi
         trace = []
         while (plan := engine.scheduler.schedule()) is not None:
             trace.append((plan.phase, [r.request_id for r in plan.requests]))
-            engine.scheduler.update(plan, engine.runner.execute(plan))
+            engine.scheduler.update(plan, engine.lanes[0].runner.execute(plan))
         traces.append(trace)
     assert traces[0] == traces[1]
 

@@ -3,7 +3,7 @@
 from adaptive.schedule import Policy, Schedule
 from engine.request import Request, RequestStatus
 from engine.sampling import SamplingParams
-from engine.scheduler import Phase, Scheduler, StepResult
+from engine.scheduler import Phase, RequestTable, Scheduler, StepResult
 
 EOS = 2
 
@@ -155,3 +155,26 @@ def test_static_batch_whose_last_member_is_aborted_releases_every_held_row():
     assert s.slots.num_used == 0 and not s.requests  # nothing leaks
     add(s, "next", max_tokens=3)
     assert run_step(s) == (Phase.ENCODE, ["next"])
+
+
+def test_lanes_share_the_queue_and_split_the_schedule_s_batches():
+    """A pipelined engine's schedulers (engine/pipelined.py): each encodes half of B_E,
+    rounded up, into rows of its own, from the one queue; a failure of the workers
+    finishes only each lane's own rows."""
+    schedule = Schedule(Policy.RRA, encode_batch=3, decode_iters=2, max_batch=8)
+    table = RequestTable()
+    lanes = [
+        Scheduler(schedule, 4, frozenset({EOS}), carry_decode=False, lanes=2, table=table)
+        for _ in range(2)
+    ]
+    for i in range(5):
+        add(lanes[0], f"q{i}", max_tokens=100)
+    assert run_step(lanes[0]) == (Phase.ENCODE, ["q0", "q1"])
+    assert run_step(lanes[1]) == (Phase.ENCODE, ["q2", "q3"])
+    assert run_step(lanes[0]) == (Phase.DECODE, ["q0", "q1"])
+    assert [r.request_id for r in table.waiting] == ["q4"]
+    failed = lanes[1].fail_started()
+    assert [r.request_id for r in failed] == ["q2", "q3"]
+    assert all(r.status is RequestStatus.FINISHED_ABORTED for r in failed)
+    assert lanes[1].slots.num_used == 0 and lanes[0].slots.num_used == 2
+    assert sorted(table.requests) == ["q0", "q1", "q4"]
