@@ -127,13 +127,13 @@ def evaluate(
     x1: int,
     x2: int,
     encode_workers: int = 0,
-    rra_cap: int = 0,
+    cap: int = 0,
 ) -> K.Point:
     """Raw kernel call: (queries/s, latency, decode batch, bytes/device, encode devices).
 
     x1 is B_E (RRA, WAA) or the batch (STATIC, CONTINUOUS); x2 is N_D (RRA) or the number
-    of decoder micro-batches (WAA), ignored otherwise. rra_cap caps RRA's running batch
-    (the engine's max_batch; 0: uncapped, as the search explores it).
+    of decoder micro-batches (WAA), ignored otherwise. cap caps RRA's and WAA's running
+    batch (the engine's max_batch; 0: uncapped, as the search explores it).
     """
     k1, kd = sc.tp_index(1) if 1 in sc.profile.tps else 0, sc.tp_index(degree)
     t, a, s = sc.profile.tables, sc.axes, sc.vector
@@ -150,10 +150,11 @@ def evaluate(
             x1,
             x2,
             sc.batch_relation == "paper",
-            rra_cap,
+            cap,
         )
     if policy in (Policy.WAA_C, Policy.WAA_M):
-        return K.waa_point(t, a, s, k1, kd, degree, x1, x2, policy is Policy.WAA_M, encode_workers)
+        by_memory = policy is Policy.WAA_M
+        return K.waa_point(t, a, s, k1, kd, degree, x1, x2, by_memory, encode_workers, cap)
     if policy is Policy.STATIC:
         return K.static_point(t, a, s, sc.out_pmf, k1, kd, degree, x1)
     return K.continuous_point(t, a, s, k1, kd, degree, x1)
@@ -211,7 +212,7 @@ def simulate_in(sc: Scenario, schedule: Schedule, *, slo_s: float | None = None)
         x1,
         x2,
         schedule.encode_workers,
-        rra_cap=schedule.max_batch,
+        cap=schedule.max_batch,
     )
     return to_prediction(sc, schedule, point, slo_s)
 

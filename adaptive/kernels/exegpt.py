@@ -110,6 +110,7 @@ def waa_point(
     m: int,
     by_memory: bool,
     fixed_e: int,
+    cap: int,
 ) -> Point:
     """WAA-C / WAA-M: (queries/s, latency, live decode queries, bytes/device, encode devices).
 
@@ -118,6 +119,9 @@ def waa_point(
     micro-batches keep the decode stages busy. More micro-batches: smaller kernels (less
     throughput) but a group's token comes back sooner (less latency), the paper's 7 -> 3 2/3.
     The split comes from the policy (compute or memory shares) unless fixed_e > 0.
+    Decode rows capped at `cap` (0: none) admit only what leaves, as in rra_point: when
+    G * B_D would pass the cap, each period encodes B_E * cap / (G * B_D) queries and the
+    groups hold cap rows.
     """
     n = int(s[S_N])
     if n < 2 * d:
@@ -137,14 +141,18 @@ def waa_point(
     tp = 1 if d > 1 else 0
     lay_e = (k1, kd, d, p_e * (1 - tp), p_e * tp)
     lay_d = (k1, kd, d, p_d * (1 - tp), p_d * tp)
-    stage_e = stage_time(tables, axes, s, ENCODE, lay_e, b_e, s[S_IN_MEAN])
     m_eff = min(m, p_d)
     groups = (p_d + m_eff - 1) // m_eff
+    admitted = float(b_e)
+    if 0 < cap < groups * b_d:
+        admitted *= cap / (groups * b_d)
+        b_d = cap / groups
+    stage_e = stage_time(tables, axes, s, ENCODE, lay_e, admitted, s[S_IN_MEAN])
     stage_d = stage_time(tables, axes, s, DECODE, lay_d, b_d / m_eff, s[S_CTX_MEAN])
     period = max(m_eff * stage_d, stage_e)
     per_token = groups * period
-    handover = 2.0 * b_e * s[S_IN_MEAN] * s[S_KV_TOKEN] / s[S_HOST_BW]
+    handover = 2.0 * admitted * s[S_IN_MEAN] * s[S_KV_TOKEN] / s[S_HOST_BW]
     latency = (p_e * stage_e + handover + per_token * (s[S_OUT_TARGET] + 1)) * (1 + s[S_BUFFER])
-    mem_e = (s[S_W_ENC] + s[S_KV_TOKEN] * b_e * s[S_IN_MEAN] * p_e) / n_e
+    mem_e = (s[S_W_ENC] + s[S_KV_TOKEN] * admitted * s[S_IN_MEAN] * p_e) / n_e
     mem_d = (s[S_W_DEC] + s[S_KV_TOKEN] * groups * b_d * s[S_CTX_MEAN]) / n_dd
-    return b_e / period, latency, groups * b_d, max(mem_e, mem_d), float(n_e)
+    return admitted / period, latency, groups * b_d, max(mem_e, mem_d), float(n_e)

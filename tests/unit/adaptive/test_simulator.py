@@ -115,3 +115,17 @@ def test_schedule_must_match_cluster(opt13b: Profile) -> None:
             LengthDistribution.from_task("S"),
             Schedule(Policy.RRA, 4, num_workers=8),
         )
+
+
+def test_waa_capped_decode_rows_admit_only_what_leaves(opt13b: Profile) -> None:
+    """Like RRA's: past the engine's max_batch the decode side holds the cap, each period
+    encodes fewer queries, and a token comes back sooner than with the uncapped batch."""
+    cluster = preset_cluster("a40", 4)
+    dist = LengthDistribution.from_task("C1")
+    capped = Schedule(Policy.WAA_C, 16, num_workers=4, encode_workers=1, max_batch=32)
+    free = simulate(opt13b, cluster, dist, replace(capped, max_batch=UNCAPPED))
+    analytic = simulate(opt13b, cluster, dist, capped)
+    assert free.decode_batch > 32  # the cap binds
+    assert analytic.decode_batch == pytest.approx(32)
+    assert analytic.throughput_req_s < free.throughput_req_s
+    assert analytic.latency_s < free.latency_s
