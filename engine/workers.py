@@ -328,10 +328,10 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
     if stage.is_driver_side:
         while not (step := receive_step(groups.steps)).is_stop:
             stage.run(step)
-        stage.finish_sends()
     else:
         while not (order := receive_order()).is_stop:
             hand_over(stage, allocation.decode, order, stage.encode(order), spec.timeout_s)
+    stage.finish_sends()
     dist.destroy_process_group()
 
 
