@@ -256,10 +256,12 @@ def run_compare(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.num_threads or os.cpu_count() or 1)
     loaded = load_model(args.model, args.dtype)
     everything = [q for queries in workloads.values() for q in queries]
-    raw_profile = machine_profile(loaded, everything, quick=args.quick, path=args.profile)
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    raw_profile = machine_profile(
+        loaded, everything, grid.max_batch, quick=args.quick, path=args.profile
+    )
     longest = max(q.prompt_len + q.output_len for q in everything)
     found, skipped = find_peers(args.vllm_python, model_folder(args.model), longest + 8)
-    grid = QUICK_GRID if args.quick else FULL_GRID
     with contextlib.ExitStack() as stack:
         peers = start_peers(stack, found, max(grid.continuous), skipped)
         report = _report_head(args, [*OURS, "hf_generate", *peers], skipped)

@@ -63,8 +63,8 @@ def test_step_times_are_priced_by_the_profile(report: dict[str, Any]) -> None:
 
 def test_error_summary_by_hand() -> None:
     rows = [
-        {"throughput_error": 0.05, "latency_error": -0.2},
-        {"throughput_error": -0.15, "latency_error": 0.1},
+        {"throughput_error": 0.05, "latency_error": -0.2} | REFIT_ERRORS,
+        {"throughput_error": -0.15, "latency_error": 0.1} | REFIT_ERRORS,
     ]
 
     summary = error_summary(rows, within=0.1)
@@ -75,6 +75,26 @@ def test_error_summary_by_hand() -> None:
     assert summary["latency_error"] == pytest.approx(
         {"mean_abs": 0.15, "max_abs": 0.2, "share_within": 0.5}
     )
+    assert summary["refit_latency_error"]["share_within"] == 1.0
+
+
+REFIT_ERRORS = {"refit_throughput_error": 0.01, "refit_latency_error": -0.02}
+
+
+def test_the_refit_prediction_follows_the_run_s_own_step_times(report: dict[str, Any]) -> None:
+    """Scaled by the measured over predicted step times: steps slower than the profile
+    lower the refit throughput and raise its latency, and the reverse."""
+    for row in report["rows"]:
+        ratios = (row["encode_step_ratio"], row["decode_step_ratio"])
+        if min(ratios) > 1:
+            assert row["refit_req_s"] < row["predicted_req_s"]
+            assert row["refit_p99_latency_s"] > row["predicted_p99_latency_s"]
+        elif max(ratios) < 1:
+            assert row["refit_req_s"] > row["predicted_req_s"]
+            assert row["refit_p99_latency_s"] < row["predicted_p99_latency_s"]
+        assert row["refit_throughput_error"] == pytest.approx(
+            row["refit_req_s"] / row["measured_req_s"] - 1
+        )
 
 
 def test_on_two_workers_rra_and_waa_are_priced_on_two_devices(load_cached) -> None:  # type: ignore[no-untyped-def]
