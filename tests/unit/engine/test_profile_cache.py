@@ -10,7 +10,7 @@ import torch
 
 from adaptive.errors import PlanningError
 from engine.profile_cache import cache_path, serving_profile
-from engine.profiler import MAX_INVERTED_SHARE
+from engine.profiler import QUICK, is_clean, profile_model
 
 
 def test_quick_profile_is_measured_once_then_read_from_the_cache(
@@ -18,6 +18,9 @@ def test_quick_profile_is_measured_once_then_read_from_the_cache(
 ) -> None:  # type: ignore[no-untyped-def]
     loaded = load_cached("random:llama")  # loaded from the shared model cache first
     monkeypatch.setenv("EXEGPT_CACHE", str(tmp_path))
+    # the tiny model's layer times sit in the timer's noise, so its grid may come out
+    # inverted, and is then not cached; that check is tested on its own below
+    monkeypatch.setattr("engine.profile_cache.is_clean", lambda raw: True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -42,24 +45,28 @@ def test_a_noise_dominated_cached_profile_is_measured_again(
     load_cached, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     """A profile cached before the inversion check, measured on a busy machine, would
-    mislead the planner at every start: it is replaced by a fresh measurement."""
+    mislead the planner at every start: it is replaced by a fresh measurement (a clean
+    one here: the tiny model's own times may sit in the timer's noise)."""
     loaded = load_cached("random:llama")
     monkeypatch.setenv("EXEGPT_CACHE", str(tmp_path))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        serving_profile(loaded, "quick")
+        clean = profile_model(loaded, QUICK, progress=False)
+        for kind in ("encode", "decode"):
+            for point in clean["tp"][0][kind]:  # grows with batch and length
+                point[2] = 1e-3 * point[0] * point[1]
+        poisoned = json.loads(json.dumps(clean))
+        del poisoned["inverted_share"]
+        for point in poisoned["tp"][0]["encode"]:  # the smaller, the slower: all inverted
+            point[2] = 1e3 / (point[0] * point[1])
+        assert is_clean(clean) and not is_clean(poisoned)
         path = cache_path(loaded, "quick")
-        raw = json.loads(path.read_text())
-        encode = raw["tp"][0]["encode"]
-        slowest = max(t for _, _, t in encode)
-        for point in encode:  # the smaller the point, the slower: every neighbour inverted
-            point[2] = slowest * 1000 / (point[0] * point[1])
-        del raw["inverted_share"]
-        path.write_text(json.dumps(raw))
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(poisoned))
+        monkeypatch.setattr("engine.profile_cache.profile_model", lambda *a, **k: clean)
         serving_profile(loaded, "quick")
         again = json.loads(path.read_text())
     finally:
         torch.set_num_threads(threads)
-    assert again["inverted_share"] <= MAX_INVERTED_SHARE
-    assert again["tp"][0]["encode"] != encode
+    assert again == clean
