@@ -161,6 +161,8 @@ def build_adaptive_engine(options: p.EngineOptions) -> Adaptation:
         num_threads=options.num_threads,
         num_workers=options.num_workers,
         tp_degree=options.tp_degree,
+        rendezvous=options.rendezvous,
+        local_workers=options.local_workers,
     )
     engine = LLMEngine(config, model=loaded)
     logger.info(

@@ -66,6 +66,8 @@ SUBCOMMANDS: tuple[tuple[str, str, str, str, str | None], ...] = (
      "adaptive.cli", "add_plan_arguments", "run_plan"),
     ("bench", "benchmarks: offline (the paper's method), serve, compare, fidelity",
      "engine.bench", "add_bench_arguments", None),
+    ("worker", "run a model worker on this machine for a driver elsewhere (serve --rendezvous)",
+     "engine.workers", "add_worker_command_arguments", "run_worker_command"),
 )  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from engine.layout import Allocation, split_evenly
 from engine.model_loader import LoadedModel, load_model
 from engine.models import ModelExecutor, build_executor
 from engine.pipelined import LaneRunner, LaneStep
-from engine.protocol import WorkerSpec
+from engine.protocol import WorkerSpec, check_placement
 from engine.request import Request
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
@@ -54,6 +54,11 @@ class EngineConfig:
     num_workers: int = 1
     tp_degree: int = 1
     worker_timeout_s: float = 300.0  # longest wait on another worker within a step
+    # workers on other machines: this process listens for them at `rendezvous` (HOST:PORT)
+    # and starts only `local_workers` of the group itself, itself included (None: all);
+    # each other rank joins with `exegpt worker --rendezvous HOST:PORT --rank R`
+    rendezvous: str | None = None
+    local_workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -65,6 +70,7 @@ class EngineConfig:
         self.allocation_for(self.schedule)  # raises on workers that cannot be laid out
         if self.worker_timeout_s <= 0:
             raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+        check_placement(self.num_workers, self.rendezvous, self.local_workers)
 
     def allocation_for(self, schedule: Schedule) -> Allocation:
         """How `schedule` splits the workers (WAA: its encode workers); ValueError if it
@@ -82,7 +88,9 @@ class EngineConfig:
 
     @property
     def threads_per_worker(self) -> int:
-        return max(1, (self.num_threads or os.cpu_count() or 1) // self.num_workers)
+        """The cores here, shared by the workers here."""
+        here = self.local_workers or self.num_workers
+        return max(1, (self.num_threads or os.cpu_count() or 1) // here)
 
 
 @dataclass(frozen=True)
@@ -180,7 +188,9 @@ class LLMEngine:
                 timeout_s=config.worker_timeout_s,
                 encode_workers=self.allocation.encode_workers,
             )
-            executor = self.workers = WorkerGroup(self.model, spec)
+            executor = self.workers = WorkerGroup(
+                self.model, spec, config.rendezvous, config.local_workers
+            )
         else:
             executor = build_executor(self.model, config.max_num_seqs, self.max_model_len)
         self.lanes = self._lanes(executor)

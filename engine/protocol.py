@@ -96,6 +96,8 @@ class EngineOptions(msgspec.Struct, frozen=True):
     adapt: bool = True  # False: the schedule is solved once at start and kept
     num_workers: int = 1  # model worker processes (engine/workers.py); 1: in-process
     tp_degree: int = 1  # tensor-parallel degree; pipeline stages = num_workers / tp_degree
+    rendezvous: str | None = None  # HOST:PORT where workers on other machines join
+    local_workers: int | None = None  # workers started here, the driver included (None: all)
 
 
 # --- gateway -> engine ------------------------------------------------------------------
@@ -268,3 +270,25 @@ def decode_to_engine(body: bytes) -> list[ToEngine]:
 
 def decode_from_engine(body: bytes) -> list[FromEngine]:
     return _from_engine_decoder.decode(body)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """'HOST:PORT' (a rendezvous address) -> (host, port); ValueError with one clear line
+    otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+def check_placement(num_workers: int, rendezvous: str | None, local_workers: int | None) -> None:
+    """ValueError with one clear line unless `local_workers` of `num_workers` can start on
+    this machine, the others joining at `rendezvous`."""
+    if rendezvous is not None:
+        parse_address(rendezvous)
+    if local_workers is not None and not 1 <= local_workers <= num_workers:
+        raise ValueError(
+            f"local workers must be between 1 and the workers ({num_workers}), got {local_workers}"
+        )
+    if local_workers not in (None, num_workers) and rendezvous is None:
+        raise ValueError("workers on other machines need a rendezvous address (HOST:PORT)")

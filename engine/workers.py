@@ -43,7 +43,13 @@ from engine.layout import Allocation
 from engine.model_loader import LoadedModel, load_model
 from engine.models.base import EncodeItem
 from engine.parallel import Pending, StageWorker, make_stage
-from engine.protocol import EncodeOrder, WorkerSpec, WorkerStep
+from engine.protocol import (
+    EncodeOrder,
+    WorkerSpec,
+    WorkerStep,
+    check_placement,
+    parse_address,
+)
 
 logger = logging.getLogger(__name__)
 STARTUP_POLL_S = 0.05
@@ -51,6 +57,8 @@ STOP_WAIT_S = 10.0  # a stopped worker gets this long to leave before it is kill
 # A worker's start (imports, model load) may take minutes on a large model; one that dies
 # meanwhile is seen at once, so this only bounds a worker that hangs while loading.
 LOAD_TIMEOUT_S = 900.0
+REJOIN_POLL_S = 2.0  # a worker started elsewhere looks for its driver's group this often
+SPEC_KEY, GENERATION_KEY = "spec", "generation"  # in the rendezvous store
 
 
 class WorkerFailure(RuntimeError):
@@ -69,9 +77,21 @@ class InFlight:
 class WorkerGroup:
     """The driver's ModelExecutor over a group of `spec.num_workers` ranks."""
 
-    def __init__(self, loaded: LoadedModel, spec: WorkerSpec) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        spec: WorkerSpec,
+        rendezvous: str | None = None,
+        local_workers: int | None = None,
+    ) -> None:
+        """rendezvous: HOST:PORT this process listens on for its workers, needed when some
+        start elsewhere; local_workers: how many run on this machine, this process included
+        (default all); the others join with `exegpt worker`."""
+        check_placement(spec.num_workers, rendezvous, local_workers)
         self.loaded = loaded
         self.spec = spec
+        self.rendezvous = None if rendezvous is None else parse_address(rendezvous)
+        self.local_workers = spec.num_workers if local_workers is None else local_workers
         self.allocation = Allocation(spec.num_workers, spec.tp_degree, spec.encode_workers)
         self.allocation.check(loaded)
         self.layout = self.allocation.decode  # the driver's side
@@ -210,24 +230,36 @@ class WorkerGroup:
         if dist.is_initialized():
             raise RuntimeError("this process already drives a model worker group")
         self._generation += 1
-        port = _free_port()
+        host, port = self.rendezvous or ("127.0.0.1", _free_port())
         store = dist.TCPStore(
-            "127.0.0.1",
+            host,
             port,
             self.spec.num_workers,
             is_master=True,
             timeout=timedelta(seconds=self.spec.timeout_s),
             wait_for_workers=False,
         )
-        env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        store.set(SPEC_KEY, msgspec.json.encode(self.spec).decode())
+        store.set(GENERATION_KEY, str(self._generation))
+        local_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        env = os.environ | {"MASTER_ADDR": local_host, "MASTER_PORT": str(port)}
         env["WORLD_SIZE"] = str(self.spec.num_workers)
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the ranks share the machine's cores
-        command = [sys.executable, "-m", "engine.workers", "--spec"]
-        command.append(msgspec.json.encode(self.spec).decode())
         self._procs = [
-            subprocess.Popen(command, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)})
-            for r in range(1, self.spec.num_workers)
+            subprocess.Popen(
+                [sys.executable, "-m", "engine.workers"],
+                env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+            )
+            for r in range(1, self.local_workers)
         ]
+        if self.local_workers < self.spec.num_workers:
+            logger.info(
+                "waiting for workers %d-%d to join at %s:%d (exegpt worker --rendezvous)",
+                self.local_workers,
+                self.spec.num_workers - 1,
+                host,
+                port,
+            )
         spec = self.spec
         try:
             self._wait_loaded(store)
@@ -309,14 +341,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_worker(spec: WorkerSpec, rank: int) -> None:
-    """Rank `rank` (>= 1): load, join the group, then run steps (or, on WAA's encode side,
-    encode batches) until the driver stops it."""
+def run_worker(store: dist.Store, rank: int) -> None:
+    """Rank `rank` (>= 1) of the group whose rendezvous `store` is: load the model the
+    driver's spec names, join, then run steps (or, on WAA's encode side, encode batches)
+    until the driver stops it."""
+    spec = msgspec.json.decode(store.get(SPEC_KEY), type=WorkerSpec)
     torch.set_num_threads(spec.num_threads)
-    timeout = timedelta(seconds=spec.timeout_s)
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
-    )
     loaded = load_model(spec.model, spec.dtype)
     store.set(f"loaded/{rank}", "1")
     allocation = Allocation(spec.num_workers, spec.tp_degree, spec.encode_workers)
@@ -335,16 +365,70 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
     dist.destroy_process_group()
 
 
+def serve_remote(host: str, port: int, rank: int) -> None:
+    """A worker started on another machine (`exegpt worker`): join the driver's group at
+    host:port, and after a failure of the group the next one the driver starts, until
+    the driver stops it."""
+    joined = None  # the generation of the group last joined
+    while True:
+        try:
+            store = dist.TCPStore(
+                host, port, is_master=False, timeout=timedelta(seconds=REJOIN_POLL_S)
+            )
+            generation = store.get(GENERATION_KEY)
+        except (RuntimeError, dist.DistError):  # no driver listening (yet, or any more)
+            time.sleep(REJOIN_POLL_S)
+            continue
+        if generation == joined:  # the failed group's store, not torn down yet
+            del store
+            time.sleep(REJOIN_POLL_S)
+            continue
+        store.set_timeout(timedelta(seconds=LOAD_TIMEOUT_S))  # the others may be loading
+        joined = generation
+        logger.info("joining the group at %s:%d as worker %d", host, port, rank)
+        try:
+            run_worker(store, rank)
+            return
+        except (RuntimeError, dist.DistError):
+            logger.exception("the group failed; joining the driver's next one")
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="exegpt model worker (started by the engine)")
-    parser.add_argument("--spec", required=True, help="WorkerSpec as JSON")
+    parser = argparse.ArgumentParser(description="exegpt model worker")
+    add_worker_command_arguments(parser)
     args = parser.parse_args(argv)
-    rank = int(os.environ["RANK"])
+    return run_worker_command(args)
+
+
+def add_worker_command_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rendezvous",
+        help="HOST:PORT of the engine's driver (`exegpt serve --rendezvous`); without it, "
+        "the worker is one the driver started (torchrun's MASTER_ADDR, MASTER_PORT, RANK)",
+    )
+    parser.add_argument("--rank", type=int, help="this worker's rank (with --rendezvous)")
+
+
+def run_worker_command(args: argparse.Namespace) -> int:
+    if args.rendezvous is not None:
+        if args.rank is None or args.rank < 1:
+            raise SystemExit("--rendezvous needs --rank 1 or higher (rank 0 is the driver)")
+        host, port = parse_address(args.rendezvous)
+        rank = args.rank
+    else:
+        rank = int(os.environ["RANK"])
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s worker {rank} %(levelname)s %(message)s"
     )
     try:
-        run_worker(msgspec.json.decode(args.spec, type=WorkerSpec), rank)
+        if args.rendezvous is not None:
+            serve_remote(host, port, rank)
+        else:
+            timeout = timedelta(seconds=LOAD_TIMEOUT_S)
+            addr, master_port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+            run_worker(dist.TCPStore(addr, master_port, is_master=False, timeout=timeout), rank)
     except Exception:  # the driver sees the exit (or the broken group) and reports it
         logger.exception("model worker %d failed", rank)
         return 1

@@ -42,6 +42,8 @@ def engine_options(config: GatewayConfig) -> p.EngineOptions:
         adapt=config.adapt,
         num_workers=config.num_workers,
         tp_degree=config.tp_degree,
+        rendezvous=config.rendezvous,
+        local_workers=config.local_workers,
     )
 
 

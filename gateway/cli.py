@@ -77,6 +77,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_worker_arguments(parser)
     parser.add_argument(
+        "--rendezvous",
+        metavar="HOST:PORT",
+        help="where workers on other machines join the group (`exegpt worker --rendezvous "
+        "HOST:PORT --rank R`); the engine's process listens there",
+    )
+    parser.add_argument(
+        "--local-workers",
+        type=int,
+        help="workers this machine starts, the engine's process included (default: all "
+        "--workers; the others join at --rendezvous)",
+    )
+    parser.add_argument(
         "--mqtt",
         default="embedded",
         metavar="embedded|off|mqtt://HOST:PORT",
@@ -133,6 +145,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         num_threads=args.num_threads,
         num_workers=args.workers,
         tp_degree=args.tp,
+        rendezvous=args.rendezvous,
+        local_workers=args.local_workers,
         mqtt=args.mqtt,
         mqtt_port=args.mqtt_port,
         mqtt_request_topic=args.mqtt_topic,

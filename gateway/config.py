@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from engine.protocol import check_placement
+
 POLICIES = ("rra", "continuous", "static", "waa_c", "waa_m")
 WAA_POLICIES = ("waa_c", "waa_m")  # encode and decode on separate workers
 
@@ -34,6 +36,10 @@ class GatewayConfig:
     # model worker processes; pipeline stages = num_workers / tp_degree (engine/workers.py)
     num_workers: int = 1
     tp_degree: int = 1
+    # workers on other machines join at `rendezvous` (HOST:PORT) with `exegpt worker`;
+    # `local_workers` of them start here, the engine's process included (None: all)
+    rendezvous: str | None = None
+    local_workers: int | None = None
     # The planner's profile: "full" or "quick" grid, measured once per model and device and
     # cached, or a file made by `exegpt profile`. adapt False: solved once at start, kept.
     profile: str = "full"
@@ -79,6 +85,7 @@ class GatewayConfig:
                 f"policy {self.policy} runs encode and decode on separate workers: it needs "
                 f"--workers 2 or more, got {self.num_workers}"
             )
+        check_placement(self.num_workers, self.rendezvous, self.local_workers)
         if not self.profile:
             raise ValueError("profile must be 'full', 'quick' or a profile file")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:

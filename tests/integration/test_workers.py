@@ -10,6 +10,9 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -144,6 +147,48 @@ def test_a_hung_worker_fails_the_step_after_the_timeout(load_cached, engine_conf
                 engine.step()
         assert 10 <= time.monotonic() - start < 40
         assert engine.workers.pids == []  # the stopped worker was killed
+
+
+def test_workers_started_elsewhere_join_at_the_rendezvous_and_after_a_failure(
+    load_cached, engine_config, mixed_queries, run_to_end
+):
+    """`exegpt worker --rendezvous`: a rank the driver does not start (on another machine;
+    a process of its own here) joins the group and computes its stage exactly. When it
+    dies the step fails, and the group the driver starts next takes the worker that
+    joins in its place."""
+    loaded = load_cached("random:llama")
+    queries = mixed_queries(seed=5, n=6)
+    expected = run_to_end(LLMEngine(engine_config("random:llama"), loaded), queries)
+    with socket.socket() as sock:  # a free port for the driver to listen on
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    command = [sys.executable, "-m", "engine.workers", "--rendezvous", address, "--rank", "1"]
+    first = subprocess.Popen(command)
+    second = None
+    try:
+        cfg = engine_config(
+            "random:llama", num_workers=2, rendezvous=address, local_workers=1,
+            worker_timeout_s=20,
+        )  # fmt: skip
+        with LLMEngine(cfg, loaded) as engine:
+            assert engine.workers is not None and engine.workers.pids == []  # none here
+            assert run_to_end(engine, queries) == expected
+            first.kill()
+            first.wait()
+            engine.add_request("lost", [7] * 10, SamplingParams(max_tokens=4, ignore_eos=True))
+            with pytest.raises(WorkerFailure):
+                while engine.has_unfinished():
+                    engine.step()
+            (lost,) = engine.step()
+            assert lost.request_id == "lost" and lost.finish_reason == "abort"
+            second = subprocess.Popen(command)
+            again = run_to_end(engine, queries[:2])  # on the group it joined
+            assert again == {rid: expected[rid] for rid in ("q0", "q1")}
+        assert second.wait(timeout=30) == 0  # stopped by the driver's close
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.kill()
 
 
 def test_unsupported_layouts_are_refused_before_any_process_starts(load_cached, engine_config):

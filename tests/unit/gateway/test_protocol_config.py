@@ -47,6 +47,10 @@ def test_frame_guards() -> None:
         ({"max_num_seqs": 0}, "max_num_seqs"),
         ({"admin_token": ""}, "admin_token"),
         ({"num_threads": 0}, "num_threads"),
+        ({"num_workers": 2, "local_workers": 1}, "rendezvous address"),
+        ({"num_workers": 2, "local_workers": 3, "rendezvous": "h:1"}, "between 1 and"),
+        ({"num_workers": 2, "rendezvous": "no-port"}, "HOST:PORT"),
+        ({"num_workers": 2, "rendezvous": "h:99999"}, "HOST:PORT"),
     ],
 )
 def test_config_rejects_bad_values(overrides: dict[str, object], words: str) -> None:
