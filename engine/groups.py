@@ -4,8 +4,9 @@ Every rank joins the default group (gloo), then makes the same groups in the sam
 (torch requires it, members or not):
 
     steps   the step broadcast from the driver to the ranks that decode (all of them
-            without a WAA split; the default group then), where an idle worker may wait for
-            hours: the driver bounds its own side of it
+            without a WAA split), where an idle worker may wait for hours: the driver's
+            side of it times out after a step's timeout, so a hung worker cannot hold
+            the group's teardown
     side    the ranks of one side (engine.layout.Allocation): pipeline sends, T5's
             broadcast of the encoder output, the encode side's barrier before a hand-over;
             its timeout bounds the wait on a dead or hung peer within a step
@@ -65,9 +66,11 @@ def join_group(
         ]
         if rank in layout.ranks:
             side, tp = side_group, stage_groups[layout.stage(rank)]
-    steps = dist.group.WORLD
-    if allocation.encode_workers:
-        steps = dist.new_group(list(allocation.decode.ranks), timeout=IDLE_TIMEOUT)
+    # the driver's broadcasts give up after a step's timeout (a hung worker then cannot
+    # hold the group's teardown); a worker waits for the next step as long as it is idle
+    steps = dist.new_group(
+        list(allocation.decode.ranks), timeout=step_timeout if rank == 0 else IDLE_TIMEOUT
+    )
     mine = weights_fingerprint(loaded)
     theirs = [torch.zeros_like(mine) for _ in range(allocation.num_workers)]
     dist.all_gather(theirs, mine, group=everyone)

@@ -155,7 +155,8 @@ def test_workers_started_elsewhere_join_at_the_rendezvous_and_after_a_failure(
     """`exegpt worker --rendezvous`: a rank the driver does not start (on another machine;
     a process of its own here) joins the group and computes its stage exactly. When it
     dies the step fails, and the group the driver starts next takes the worker that
-    joins in its place."""
+    joins in its place. When it hangs, the step fails after the timeout without the
+    driver hanging on it, and once it runs again it joins the next group."""
     loaded = load_cached("random:llama")
     queries = mixed_queries(seed=5, n=6)
     expected = run_to_end(LLMEngine(engine_config("random:llama"), loaded), queries)
@@ -168,7 +169,7 @@ def test_workers_started_elsewhere_join_at_the_rendezvous_and_after_a_failure(
     try:
         cfg = engine_config(
             "random:llama", num_workers=2, rendezvous=address, local_workers=1,
-            worker_timeout_s=20,
+            worker_timeout_s=10,
         )  # fmt: skip
         with LLMEngine(cfg, loaded) as engine:
             assert engine.workers is not None and engine.workers.pids == []  # none here
@@ -184,6 +185,18 @@ def test_workers_started_elsewhere_join_at_the_rendezvous_and_after_a_failure(
             second = subprocess.Popen(command)
             again = run_to_end(engine, queries[:2])  # on the group it joined
             assert again == {rid: expected[rid] for rid in ("q0", "q1")}
+            os.kill(second.pid, signal.SIGSTOP)  # alive, but never answers
+            engine.add_request("hung", [7] * 10, SamplingParams(max_tokens=4, ignore_eos=True))
+            start = time.monotonic()
+            with pytest.raises(WorkerFailure, match=r"(?i)timed out"):
+                while engine.has_unfinished():
+                    engine.step()
+            assert time.monotonic() - start < 30
+            (hung,) = engine.step()
+            assert hung.request_id == "hung" and hung.finish_reason == "abort"
+            os.kill(second.pid, signal.SIGCONT)
+            again = run_to_end(engine, queries[2:4])  # the same process, joined anew
+            assert again == {"q0": expected["q2"], "q1": expected["q3"]}
         assert second.wait(timeout=30) == 0  # stopped by the driver's close
     finally:
         for proc in (first, second):
