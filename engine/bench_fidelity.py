@@ -165,18 +165,18 @@ def compare_run(
     }
 
 
-ERROR_KEYS = (
-    "throughput_error",
-    "latency_error",
-    "refit_throughput_error",
-    "refit_latency_error",
-)
+ERRORS = {  # a row's error keys, and their labels in the printed summary
+    "throughput_error": "throughput",
+    "latency_error": "p99 latency",
+    "refit_throughput_error": "refit throughput",
+    "refit_latency_error": "refit p99 latency",
+}
 
 
 def error_summary(rows: Sequence[dict[str, Any]], within: float = 0.10) -> dict[str, Any]:
     """Mean absolute relative error, and the share of schedules within `within`."""
     out: dict[str, Any] = {"within": within}
-    for key in ERROR_KEYS:
+    for key in ERRORS:
         errors = [abs(r[key]) for r in rows]
         out[key] = {
             "mean_abs": sum(errors) / len(errors) if errors else None,
@@ -256,12 +256,7 @@ def print_fidelity(report: dict[str, Any]) -> None:
     print("enc x / dec x: measured over predicted time of the run's own encode / decode steps")
     print("refit err / refit p99: the errors with the profile scaled by enc x and dec x")
     s = report["summary"]
-    for key, label in (
-        ("throughput_error", "throughput"),
-        ("latency_error", "p99 latency"),
-        ("refit_throughput_error", "refit throughput"),
-        ("refit_latency_error", "refit p99 latency"),
-    ):
+    for key, label in ERRORS.items():
         e = s[key]
         print(
             f"{label}: mean |error| {e['mean_abs']:.1%}, max {e['max_abs']:.1%}, "
