@@ -28,10 +28,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 import msgspec
 import torch
@@ -43,13 +44,7 @@ from engine.layout import Allocation
 from engine.model_loader import LoadedModel, load_model
 from engine.models.base import EncodeItem
 from engine.parallel import Pending, StageWorker, make_stage
-from engine.protocol import (
-    EncodeOrder,
-    WorkerSpec,
-    WorkerStep,
-    check_placement,
-    parse_address,
-)
+from engine.protocol import EncodeOrder, WorkerSpec, WorkerStep, parse_address
 
 logger = logging.getLogger(__name__)
 STARTUP_POLL_S = 0.05
@@ -86,8 +81,7 @@ class WorkerGroup:
     ) -> None:
         """rendezvous: HOST:PORT this process listens on for its workers, needed when some
         start elsewhere; local_workers: how many run on this machine, this process included
-        (default all); the others join with `exegpt worker`."""
-        check_placement(spec.num_workers, rendezvous, local_workers)
+        (default all); the others join with `exegpt worker` (EngineConfig checks both)."""
         self.loaded = loaded
         self.spec = spec
         self.rendezvous = None if rendezvous is None else parse_address(rendezvous)
@@ -365,6 +359,13 @@ def run_worker(store: dist.Store, rank: int) -> None:
     dist.destroy_process_group()
 
 
+def run_started_worker(rank: int) -> None:
+    """A worker the driver started, its rendezvous in torchrun's environment."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    timeout = timedelta(seconds=LOAD_TIMEOUT_S)
+    run_worker(dist.TCPStore(addr, port, is_master=False, timeout=timeout), rank)
+
+
 def serve_remote(host: str, port: int, rank: int) -> None:
     """A worker started on another machine (`exegpt worker`): join the driver's group at
     host:port, and after a failure of the group the next one the driver starts, until
@@ -412,23 +413,20 @@ def add_worker_command_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_worker_command(args: argparse.Namespace) -> int:
+    work: Callable[[], None]
     if args.rendezvous is not None:
         if args.rank is None or args.rank < 1:
             raise SystemExit("--rendezvous needs --rank 1 or higher (rank 0 is the driver)")
-        host, port = parse_address(args.rendezvous)
         rank = args.rank
+        work = partial(serve_remote, *parse_address(args.rendezvous), rank)
     else:
         rank = int(os.environ["RANK"])
+        work = partial(run_started_worker, rank)
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s worker {rank} %(levelname)s %(message)s"
     )
     try:
-        if args.rendezvous is not None:
-            serve_remote(host, port, rank)
-        else:
-            timeout = timedelta(seconds=LOAD_TIMEOUT_S)
-            addr, master_port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-            run_worker(dist.TCPStore(addr, master_port, is_master=False, timeout=timeout), rank)
+        work()
     except Exception:  # the driver sees the exit (or the broken group) and reports it
         logger.exception("model worker %d failed", rank)
         return 1
