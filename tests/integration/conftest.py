@@ -8,7 +8,9 @@ process (torch import, model load) costs seconds on this machine.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -158,3 +160,23 @@ def small_engine_config(model: str, dtype: str = "float32", **overrides: Any) ->
 def engine_config() -> Any:
     """Factory: `engine_config(model, dtype="float32", **overrides)` (small_engine_config)."""
     return small_engine_config
+
+
+@pytest.fixture
+def kill_a_worker() -> Any:
+    """Factory: kill_a_worker(engine) SIGKILLs the engine's worker rank 1 and steps until
+    the step that needs it fails, checking it is seen at once (well before the timeout)
+    and the group torn down."""
+    from engine.workers import WorkerFailure
+
+    def kill(engine: Any) -> None:
+        assert engine.workers is not None
+        os.kill(engine.workers.pids[0], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerFailure, match="model worker"):
+            while engine.has_unfinished():
+                engine.step()
+        assert time.monotonic() - start < 20
+        assert engine.workers.pids == []
+
+    return kill

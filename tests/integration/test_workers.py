@@ -106,7 +106,7 @@ def test_tensor_parallel_two_matches_one_worker(
 
 
 def test_a_killed_worker_fails_the_step_and_the_group_restarts(
-    load_cached, engine_config, mixed_queries, run_to_end
+    load_cached, engine_config, mixed_queries, run_to_end, kill_a_worker
 ):
     loaded = load_cached("random:llama", "float32")
     queries = mixed_queries(seed=3, n=4)
@@ -117,13 +117,7 @@ def test_a_killed_worker_fails_the_step_and_the_group_restarts(
         for i in range(3):
             engine.add_request(f"long{i}", [7] * 40, SamplingParams(max_tokens=50, ignore_eos=True))
         engine.step()  # the group is busy with these when its worker dies
-        os.kill(engine.workers.pids[0], signal.SIGKILL)
-        start = time.monotonic()
-        with pytest.raises(WorkerFailure, match="model worker"):
-            while engine.has_unfinished():
-                engine.step()
-        assert time.monotonic() - start < 20  # seen at once, well before the timeout
-        assert engine.workers.pids == []  # torn down
+        kill_a_worker(engine)
         for i in range(3):  # what the engine process does: fail the in-flight requests
             engine.abort_request(f"long{i}")
         while engine.has_unfinished():
