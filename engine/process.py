@@ -3,8 +3,9 @@
 Started by the gateway as `python -m engine.process --fd N --options JSON` with one end of a
 socketpair. A reader thread decodes incoming frames into a queue, so reading the socket
 never stalls the step loop; the loop drains that queue between steps, steps while any
-request is unfinished, and blocks on the queue (no busy spin) when idle. All the outputs of
-one step go back in one frame.
+request is unfinished, and blocks on the queue (no busy spin) when idle. The replies to what
+was drained (Accepted, Error) go back before the step; all the outputs of one step go back
+in one frame.
 
 Requests are validated here, where the tokenizer is: a prompt that does not fit the context
 or a bad sampling field gets an Error (HTTP 400 at the gateway) instead of an Accepted.
@@ -27,6 +28,7 @@ import msgspec
 
 from adaptive.schedule import Schedule
 from engine import protocol as p
+from engine.heap import freeze_startup_heap
 
 if TYPE_CHECKING:
     from engine.adaptation import Adaptation
@@ -99,13 +101,17 @@ class EngineLoop:
 
     def run(self) -> None:
         while True:
-            out: list[p.FromEngine] = []
+            replies: list[p.FromEngine] = []
             for message in self._drain(block=not self.engine.has_unfinished()):
                 if isinstance(message, p.Shutdown):
-                    self._fail_all("server shutting down", 503, out)
-                    self.conn.send(out)
+                    self._fail_all("server shutting down", 503, replies)
+                    self.conn.send(replies)
                     return
-                self._handle(message, out)
+                self._handle(message, replies)
+            # Accepted goes out before the step that encodes the prompt, so the gateway
+            # starts the response while the step runs and is ready for its first token.
+            self.conn.send(replies)
+            out: list[p.FromEngine] = []
             if self.engine.has_unfinished():
                 self._step(out)
             out.extend(self.adaptation.tick())
@@ -254,6 +260,7 @@ def serve(sock: socket.socket, options: p.EngineOptions) -> int:
         conn.send([p.Error(None, f"engine failed to start: {exc}", 500, "server_error")])
         return 1
     engine = adaptation.engine
+    freeze_startup_heap()
     conn.send(
         [
             p.Ready(
@@ -286,6 +293,7 @@ def run_baseline(options: p.EngineOptions, workload: BaselineWorkload) -> dict[s
 
     adaptation = build_adaptive_engine(options)
     adaptation.close()  # the baseline runs the first schedule, unadapted
+    freeze_startup_heap()  # as the served engine does
     params = SamplingParams(max_tokens=workload.max_tokens, ignore_eos=True)
     with adaptation.engine as engine:
         for name in ("warmup", "timed"):  # the untimed round meets every batch shape first

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from engine.groups import RankGroups, SentStep, join_group, receive_step
 from engine.handover import EncodeQueue, hand_over, receive_order, send_order
+from engine.heap import freeze_startup_heap
 from engine.layout import Allocation
 from engine.model_loader import LoadedModel, load_model
 from engine.models.base import EncodeItem
@@ -349,6 +350,7 @@ def run_worker(store: dist.Store, rank: int) -> None:
         loaded, allocation, rank, spec.num_slots, spec.max_len, groups, spec.timeout_s
     )
     stage.executor.drop_model_layers()  # the model is this process's alone
+    freeze_startup_heap()
     if stage.is_driver_side:
         while not (step := receive_step(groups.steps)).is_stop:
             stage.run(step)

@@ -12,6 +12,7 @@ import socket
 
 from aiohttp import web
 
+from engine.heap import freeze_startup_heap
 from gateway.app import EngineFactory, create_app, spawn_engine
 from gateway.config import GatewayConfig
 
@@ -50,6 +51,7 @@ class GatewayServer:
             await self._runner.cleanup()
             sock.close()
             raise
+        freeze_startup_heap()
         return self.url
 
     async def stop(self) -> None:
