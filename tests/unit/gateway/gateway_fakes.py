@@ -2,8 +2,10 @@
 
 The fake runs as an asyncio task on one end of a socketpair and answers like the engine
 process: Ready at start, Accepted (or Error) per Submit, `num_tokens` TokenDeltas (texts
-"t0 ", "t1 ", ... or the given `texts`, stamped like the engine's), then Finished. With
-`hold=True` requests stay open until aborted, to test admission and shutdown.
+"t0 ", "t1 ", ... or the given `texts`, stamped like the engine's), then Finished. By default
+all of them go in one frame; with `pace_s` each delta goes in a frame of its own, that long
+after the last, as an engine's steps do. With `hold=True` requests stay open until aborted,
+to test admission and shutdown.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from engine import protocol as p
 from gateway.config import GatewayConfig
@@ -29,6 +33,7 @@ class FakeEngine:
     num_tokens: int = 4
     texts: list[str] | None = None  # the deltas' texts; None: "t0 ", "t1 ", ...
     hold: bool = False
+    pace_s: float | None = None  # None: a request's whole output in its Accepted frame
     max_model_len: int = 64
     submitted: list[p.Submit] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
@@ -38,6 +43,7 @@ class FakeEngine:
     async def serve(self, sock: socket.socket) -> None:
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         writer.write(p.encode_frame([p.Ready("fake", self.max_model_len, 8, None, SCHEDULE)]))
+        paced: list[asyncio.Task[None]] = []
         try:
             while True:
                 header = await reader.readexactly(p.FRAME_HEADER.size)
@@ -48,10 +54,25 @@ class FakeEngine:
                         writer.write(p.encode_frame(out))
                         writer.close()
                         return
-                    writer.write(p.encode_frame(out))
+                    if self.pace_s is None or not isinstance(message, p.Submit):
+                        writer.write(p.encode_frame(out))
+                    else:
+                        paced.append(asyncio.create_task(self._paced(writer, out)))
                     await writer.drain()
         except asyncio.IncompleteReadError:
             writer.close()
+        finally:
+            for task in paced:
+                task.cancel()
+
+    async def _paced(self, writer: asyncio.StreamWriter, out: list[p.FromEngine]) -> None:
+        assert self.pace_s is not None
+        writer.write(p.encode_frame(out[:1]))  # Accepted (or Error)
+        for message in out[1:]:
+            await asyncio.sleep(self.pace_s)
+            if isinstance(message, p.TokenDelta):  # stamped when its "step" ends
+                message = msgspec.structs.replace(message, emitted_at=time.monotonic())
+            writer.write(p.encode_frame([message]))
 
     def handle(self, message: p.ToEngine) -> list[p.FromEngine]:
         if isinstance(message, p.Submit):
@@ -95,8 +116,7 @@ async def fake_gateway(engine: FakeEngine, **overrides: Any) -> AsyncIterator[Ga
     async def factory(config: GatewayConfig) -> EngineClient:
         parent, child = socket.socketpair()
         tasks.append(asyncio.create_task(engine.serve(child)))
-        reader, writer = await asyncio.open_unix_connection(sock=parent)
-        return EngineClient(reader, writer, config.max_queued_requests)
+        return await EngineClient.connect(parent, config.max_queued_requests)
 
     settings: dict[str, Any] = {"model": "fake", "port": 0, "admin_token": "secret"}
     settings.update(overrides)

@@ -58,11 +58,14 @@ async def test_chat_stream_is_sse_with_role_usage_and_done(http: aiohttp.ClientS
 TRICKY_TEXTS = ['"quoted"', "back\\slash", "new\nline\t", "é🙂", "", "\x00exegpt-text\x00", "</s>"]
 
 
+@pytest.mark.parametrize("pace_s", [None, 0.002], ids=["one-frame", "frame-per-delta"])
 @pytest.mark.parametrize("route", ["completions", "chat/completions"])
 async def test_streamed_text_arrives_exactly_in_order(
-    http: aiohttp.ClientSession, route: str
+    http: aiohttp.ClientSession, route: str, pace_s: float | None
 ) -> None:
-    async with fake_gateway(FakeEngine(texts=TRICKY_TEXTS)) as server:
+    # One frame: every delta is queued before the response is ready. A frame per delta:
+    # the deltas after the first are written as the engine's frames are read.
+    async with fake_gateway(FakeEngine(texts=TRICKY_TEXTS, pace_s=pace_s)) as server:
         body: dict[str, object] = {"model": "fake", "stream": True}
         if route == "completions":
             body["prompt"] = "hi"
@@ -79,6 +82,24 @@ async def test_streamed_text_arrives_exactly_in_order(
     assert texts == TRICKY_TEXTS
     assert len({c["id"] for c in chunks}) == 1 and {c["model"] for c in chunks} == {"fake"}
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * len(texts) + ["length"]
+
+
+async def test_http_1_0_client_gets_the_events_unchunked_until_close() -> None:
+    async with fake_gateway(FakeEngine(texts=["a", "b\n", "c"], pace_s=0.002)) as server:
+        body = json.dumps({"model": "fake", "prompt": "hi", "stream": True}).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        raw = await asyncio.wait_for(reader.read(), 10)  # the server closes when done
+        writer.close()
+    head, _, rest = raw.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.0 200") and "chunked" not in head.lower()
+    payloads = sse_payloads(rest)
+    assert payloads[-1] == "[DONE]"
+    texts = [json.loads(x)["choices"][0]["text"] for x in payloads[:-1]]
+    assert texts == ["a", "b\n", "c", ""]
 
 
 async def test_engine_rejection_is_400_before_streaming(http: aiohttp.ClientSession) -> None:
