@@ -21,6 +21,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from torch.profiler import record_function
+
+from engine.efficiency import PHASE_LABELS
 from engine.runner import ModelRunner
 from engine.scheduler import StepPlan, StepResult
 from engine.workers import WorkerGroup
@@ -38,9 +41,16 @@ class LaneRunner(ModelRunner):
         self.first_row = first_row
 
     def submit(self, plan: StepPlan) -> Callable[[], StepResult]:
-        self._move_rows(plan, self.first_row)
-        step = self.workers.submit(*self._inputs(plan, self.first_row), self.first_row)
-        return lambda: StepResult(self._sample(self.workers.collect(step), plan.computed))
+        label = PHASE_LABELS[plan.phase.value]  # for `--profile-steps`, as execute's
+        with record_function(label):
+            self._move_rows(plan, self.first_row)
+            step = self.workers.submit(*self._inputs(plan, self.first_row), self.first_row)
+
+        def result() -> StepResult:
+            with record_function(label):
+                return StepResult(self._sample(self.workers.collect(step), plan.computed))
+
+        return result
 
 
 @dataclass

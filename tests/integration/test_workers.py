@@ -20,6 +20,7 @@ import aiohttp
 import psutil
 import pytest
 
+from engine.efficiency import profile_steps
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.workers import WorkerFailure
@@ -46,6 +47,27 @@ def test_two_pipeline_stages_match_one_worker(
     with LLMEngine(engine_config(model, dtype, num_workers=2), loaded) as engine:
         assert engine.workers is not None and engine.workers.layout.num_stages == 2
         assert run_to_end(engine, queries) == expected
+
+
+def test_step_profile_sorts_the_drivers_stage_on_lanes(load_cached, engine_config):
+    """`--profile-steps` on pipeline stages: the driver's share of each lane's step (its
+    stage's layers, sampling) is sorted under the phase of the plan it belongs to."""
+    loaded = load_cached("random:llama")
+    with LLMEngine(engine_config("random:llama", num_workers=2), loaded) as engine:
+        for i in range(4):
+            engine.add_request(str(i), list(range(5, 15 + i)), SamplingParams(max_tokens=4))
+
+        def one_step() -> str | None:
+            if not engine.has_unfinished():
+                return None
+            encodes = engine.counters.encode_steps
+            engine.step()
+            return "encode" if engine.counters.encode_steps > encodes else "decode"
+
+        result = profile_steps(one_step, 100)
+    for phase in ("encode", "decode"):
+        spent = result.ms_per_step[phase]
+        assert spent["matmul"] > 0 and spent["attention"] > 0 and spent["sampling"] > 0
 
 
 def test_stages_work_on_the_lanes_at_once_and_an_abort_in_flight_ends_once(
