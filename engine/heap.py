@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def freeze_startup_heap() -> None:
@@ -16,3 +18,19 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+@contextmanager
+def startup_phase() -> Iterator[None]:
+    """Run a start-up (imports, model load) with the collector off, then freeze what it
+    built. With the collector on, the growing heap is walked again and again: on this
+    project's 2-core VM, building SmolLM2's engine in a fresh interpreter took 7.2-8.7 s
+    that way and 5.2-5.4 s this way; the engine process was ready about 0.4 s sooner on
+    average (5 interleaved starts each, 5.9-7.6 s against 6.1-9.2 s). The one collection
+    at the end frees what the start-up left behind. The collector is back on either way."""
+    gc.disable()
+    try:
+        yield
+        freeze_startup_heap()
+    finally:
+        gc.enable()

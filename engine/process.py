@@ -28,7 +28,7 @@ import msgspec
 
 from adaptive.schedule import Schedule
 from engine import protocol as p
-from engine.heap import freeze_startup_heap
+from engine.heap import startup_phase
 
 if TYPE_CHECKING:
     from engine.adaptation import Adaptation
@@ -250,17 +250,17 @@ class EngineLoop:
 
 
 def serve(sock: socket.socket, options: p.EngineOptions) -> int:
-    from engine.adaptation import build_adaptive_engine
-
     conn = Connection(sock)
     try:
-        adaptation = build_adaptive_engine(options)
+        with startup_phase():
+            from engine.adaptation import build_adaptive_engine
+
+            adaptation = build_adaptive_engine(options)
     except Exception as exc:  # ModelLoadError, bad options: the gateway reports it and exits
         logger.exception("engine failed to start")
         conn.send([p.Error(None, f"engine failed to start: {exc}", 500, "server_error")])
         return 1
     engine = adaptation.engine
-    freeze_startup_heap()
     conn.send(
         [
             p.Ready(
@@ -288,12 +288,12 @@ class BaselineWorkload(msgspec.Struct, frozen=True):
 
 def run_baseline(options: p.EngineOptions, workload: BaselineWorkload) -> dict[str, float]:
     """The engine's own throughput on a workload, no IPC: the gateway benchmark's reference."""
-    from engine.adaptation import build_adaptive_engine
-    from engine.sampling import SamplingParams
+    with startup_phase():  # as the served engine's
+        from engine.adaptation import build_adaptive_engine
+        from engine.sampling import SamplingParams
 
-    adaptation = build_adaptive_engine(options)
+        adaptation = build_adaptive_engine(options)
     adaptation.close()  # the baseline runs the first schedule, unadapted
-    freeze_startup_heap()  # as the served engine does
     params = SamplingParams(max_tokens=workload.max_tokens, ignore_eos=True)
     with adaptation.engine as engine:
         for name in ("warmup", "timed"):  # the untimed round meets every batch shape first

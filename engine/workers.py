@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from engine.groups import RankGroups, SentStep, join_group, receive_step
 from engine.handover import EncodeQueue, hand_over, receive_order, send_order
-from engine.heap import freeze_startup_heap
+from engine.heap import startup_phase
 from engine.layout import Allocation
 from engine.model_loader import LoadedModel, load_model
 from engine.models.base import EncodeItem
@@ -342,15 +342,15 @@ def run_worker(store: dist.Store, rank: int) -> None:
     until the driver stops it."""
     spec = msgspec.json.decode(store.get(SPEC_KEY), type=WorkerSpec)
     torch.set_num_threads(spec.num_threads)
-    loaded = load_model(spec.model, spec.dtype)
-    store.set(f"loaded/{rank}", "1")
-    allocation = Allocation(spec.num_workers, spec.tp_degree, spec.encode_workers)
-    groups = join_group(loaded, allocation, store, rank, spec.timeout_s)
-    stage = make_stage(
-        loaded, allocation, rank, spec.num_slots, spec.max_len, groups, spec.timeout_s
-    )
-    stage.executor.drop_model_layers()  # the model is this process's alone
-    freeze_startup_heap()
+    with startup_phase():
+        loaded = load_model(spec.model, spec.dtype)
+        store.set(f"loaded/{rank}", "1")
+        allocation = Allocation(spec.num_workers, spec.tp_degree, spec.encode_workers)
+        groups = join_group(loaded, allocation, store, rank, spec.timeout_s)
+        stage = make_stage(
+            loaded, allocation, rank, spec.num_slots, spec.max_len, groups, spec.timeout_s
+        )
+        stage.executor.drop_model_layers()  # the model is this process's alone
     if stage.is_driver_side:
         while not (step := receive_step(groups.steps)).is_stop:
             stage.run(step)
