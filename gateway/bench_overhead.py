@@ -4,7 +4,8 @@
 
 Each repeat runs two rounds of the same workload (N requests, same prompt ids, greedy,
 ignore_eos, same schedule and engine threads), one after the other, so both see the same
-load on a shared machine:
+load on a shared machine; the order alternates between repeats (engine first, then
+gateway first), so a machine that slows down or speeds up over the run biases neither:
 
 1. Engine alone: `python -m engine.process --baseline` adds the N requests to an LLMEngine
    in-process and steps to completion (no IPC, no HTTP): tokens/s.
@@ -232,9 +233,13 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     await server.start()
     rounds: list[dict[str, Any]] = []
     try:
-        for _ in range(args.repeat):
-            engine_only = await engine_round(args)
-            gateway = await gateway_round(args, server)
+        for repeat in range(args.repeat):
+            if repeat % 2 == 0:
+                engine_only = await engine_round(args)
+                gateway = await gateway_round(args, server)
+            else:
+                gateway = await gateway_round(args, server)
+                engine_only = await engine_round(args)
             overhead = 1 - gateway["tokens_per_s"] / engine_only["tokens_per_s"]
             rounds.append({"engine_only": engine_only, "gateway": gateway, "overhead": overhead})
             print(
@@ -275,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="continuous", choices=("continuous", "rra", "static"))
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=3, help="engine/gateway round pairs")
+    parser.add_argument(
+        "--repeat", type=int, default=4, help="engine/gateway round pairs, order alternating"
+    )
     parser.add_argument("--json", type=Path, default=Path("bench_gateway_overhead.json"))
     parser.add_argument("--client-of", help=argparse.SUPPRESS)  # internal: the client process
     args = parser.parse_args(argv)

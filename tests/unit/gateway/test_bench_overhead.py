@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 
 import msgspec
@@ -65,3 +66,45 @@ async def test_counts_events_split_across_reads_anywhere() -> None:
     for i in range(len(raw)):
         counter.data_received(raw[i : i + 1])
     assert await counted == 7
+
+
+async def test_round_order_alternates_between_repeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine that speeds up or slows down over the run must not favour one side."""
+    from gateway import bench_overhead
+
+    order: list[str] = []
+
+    class Server:
+        def __init__(self, config: object) -> None:
+            pass
+
+        async def start(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+    async def engine_round(args: object) -> dict[str, float]:
+        order.append("engine")
+        return {"tokens_per_s": 100.0}
+
+    async def gateway_round(args: object, server: object) -> dict[str, float]:
+        order.append("gateway")
+        return {"tokens_per_s": 90.0, "delay_p99_ms": 1.0}
+
+    monkeypatch.setattr(bench_overhead, "GatewayServer", Server)
+    monkeypatch.setattr(bench_overhead, "engine_round", engine_round)
+    monkeypatch.setattr(bench_overhead, "gateway_round", gateway_round)
+    args = argparse.Namespace(
+        model="fake",
+        dtype="bfloat16",
+        policy="continuous",
+        clients=4,
+        num_threads=None,
+        prompt_tokens=8,
+        max_tokens=8,
+        repeat=3,
+    )
+    rounds = await bench_overhead.measure(args)
+    assert order == ["engine", "gateway", "gateway", "engine", "engine", "gateway"]
+    assert [r["overhead"] for r in rounds] == [pytest.approx(0.1)] * 3
