@@ -340,16 +340,7 @@ def profile_run(
         engine.add_request(
             request_id, prompt, SamplingParams(max_tokens=query.output_len, ignore_eos=True)
         )
-    counters = engine.counters
-
-    def one_step() -> str | None:
-        if not engine.has_unfinished():
-            return None
-        encodes = counters.encode_steps
-        engine.step()
-        return "encode" if counters.encode_steps > encodes else "decode"
-
-    result = profile_steps(one_step, max_steps)
+    result = profile_steps(engine, max_steps)
     for request_id in ids:  # the rest of the workload is not needed
         engine.abort_request(request_id)
     while engine.has_unfinished():

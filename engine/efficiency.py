@@ -15,15 +15,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from engine.model_loader import LoadedModel
 from engine.workloads import Query
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine  # which imports this module
 
 CEILING_SIZE = 2048  # square bf16 matrices: large enough to run at the kernel's peak
 
@@ -133,18 +136,21 @@ class StepProfile:
         return {"steps": self.steps, "ms_per_step": self.ms_per_step}
 
 
-def profile_steps(step: Callable[[], str | None], max_steps: int) -> StepProfile:
-    """Profile up to `max_steps` calls of `step` (returns the phase it ran, None when idle)."""
+def profile_steps(engine: LLMEngine, max_steps: int) -> StepProfile:
+    """Profile up to `max_steps` of the engine's steps, fewer if it runs out of work; a
+    step that started an encoding phase counts as encode, any other as decode."""
     walls: dict[str, float] = {"encode": 0.0, "decode": 0.0}
     counts: dict[str, int] = {"encode": 0, "decode": 0}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(max_steps):
-            start = time.perf_counter()
-            phase = step()
-            if phase is None:
+            if not engine.has_unfinished():
                 break
-            walls[phase] += time.perf_counter() - start
-            counts[phase] += 1
+            encodes = engine.counters.encode_steps
+            start = time.perf_counter()
+            engine.step()
+            ran = "encode" if engine.counters.encode_steps > encodes else "decode"
+            walls[ran] += time.perf_counter() - start
+            counts[ran] += 1
     spent = {phase: dict.fromkeys(CATEGORIES, 0.0) for phase in walls}
     for event in prof.events():
         phase = _phase_of(event)

@@ -40,14 +40,7 @@ def test_step_profile_sorts_each_phase_into_categories(load_cached) -> None:  # 
     for i in range(3):
         engine.add_request(str(i), list(range(5, 15 + i)), SamplingParams(max_tokens=4))
 
-    def one_step() -> str | None:
-        if not engine.has_unfinished():
-            return None
-        encodes = engine.counters.encode_steps
-        engine.step()
-        return "encode" if engine.counters.encode_steps > encodes else "decode"
-
-    result = profile_steps(one_step, 100)
+    result = profile_steps(engine, 100)
 
     assert result.steps == {"encode": 1, "decode": 3}  # one phase, then 3 iterations
     for phase in ("encode", "decode"):
