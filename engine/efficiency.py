@@ -108,7 +108,7 @@ def needed_tokens(queries: Sequence[Query]) -> int:
 # -- step profile ------------------------------------------------------------------------
 CATEGORIES = ("matmul", "attention", "kv_cache", "sampling", "other_ops", "python_and_idle")
 _MATMUL = ("mm", "addmm", "bmm", "matmul", "linear", "_linear_pointwise")
-_ATTENTION = ("scaled_dot_product", "flash_attention")
+_ATTENTION = ("scaled_dot_product", "flash_attention", "decode_attention")
 SAMPLING_LABEL = "exegpt::sample"
 KV_MOVE_LABEL = "exegpt::kv_move"
 PHASE_LABELS = {"encode": "exegpt::encode", "decode": "exegpt::decode"}

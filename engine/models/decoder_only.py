@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch.nn.functional import rms_norm, scaled_dot_product_attention
 
+from engine import kernels
 from engine.model_loader import LoadedModel
 from engine.models.base import EncodeItem, causal_prefill_attention
 from engine.models.linear import FusedLinear
@@ -277,6 +278,7 @@ class StepBatch:
     positions: torch.Tensor  # [packed + n]
     decode_pos: torch.Tensor  # [n]: each running row's new token's position
     mask: torch.Tensor  # [n, 1, 1, span]: row r sees keys 0..decode_pos[r]
+    num_keys: torch.Tensor  # [n]: decode_pos + 1, the keys each running row attends
     first_row: int = 0  # the running rows are cache rows [first_row, first_row + n)
     padding: int = 0  # rows after the running ones that only round the token count up
 
@@ -322,6 +324,10 @@ class DecoderOnlyExecutor:
         self.v_cache = [torch.zeros(shape, dtype=loaded.dtype) for _ in range(self.arch.num_layers)]
         self.max_len = max_len
         self.dtype = loaded.dtype
+        arch = self.arch
+        self.decode_kernel = kernels.decode_attention(
+            loaded.dtype, arch.head_dim, arch.num_heads, arch.num_kv_heads
+        )
 
     @property
     def hidden_size(self) -> int:
@@ -358,6 +364,7 @@ class DecoderOnlyExecutor:
             ),
             decode_pos=decode_pos,
             mask=(torch.arange(span).unsqueeze(0) <= decode_pos.unsqueeze(1))[:, None, None, :],
+            num_keys=decode_pos + 1,
             first_row=first_row,
             padding=padding,
         )
@@ -393,19 +400,29 @@ class DecoderOnlyExecutor:
             if n:
                 k_cache[rows, :, batch.decode_pos] = k[packed:rows_end]
                 v_cache[rows, :, batch.decode_pos] = v[packed:rows_end]
-                out = scaled_dot_product_attention(
-                    q[packed:rows_end].unsqueeze(2),  # [n, heads, 1, hd]
-                    k_cache[first : first + n, :, :span],
-                    v_cache[first : first + n, :, :span],
-                    attn_mask=batch.mask,
-                    scale=self.arch.attn_scale(i),
-                    enable_gqa=True,
-                )
-                parts.append(out.flatten(1))
+                keys = k_cache[first : first + n, :, :span], v_cache[first : first + n, :, :span]
+                parts.append(self._decode_attention(i, q[packed:rows_end], *keys, batch))
             if batch.padding:  # padding rows attend to nothing
                 parts.append(q.new_zeros(batch.padding, q.shape[1] * q.shape[2]))
             h = self.arch.finish_layer(i, h, parts[0] if len(parts) == 1 else torch.cat(parts))
         return h
+
+    def _decode_attention(
+        self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch
+    ) -> torch.Tensor:
+        """[n, heads * head_dim]: each running row's query (q [n, heads, head_dim]) over its
+        cached keys and values (k, v [n, kv_heads, span, head_dim]) up to its new token.
+        The compiled kernel reads a row's cache up to its own length only; SDPA reads
+        every row up to the span and masks."""
+        scale = self.arch.attn_scale(i)
+        if self.decode_kernel is not None:
+            if scale is None:
+                scale = self.arch.head_dim**-0.5
+            return self.decode_kernel(q, k, v, batch.num_keys, scale).flatten(1)
+        out = scaled_dot_product_attention(
+            q.unsqueeze(2), k, v, attn_mask=batch.mask, scale=scale, enable_gqa=True
+        )  # [n, heads, 1, head_dim]
+        return out.flatten(1)
 
     def logits(self, batch: StepBatch, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits [items + n, vocab]; an item's come from its last prompt token."""

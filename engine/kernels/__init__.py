@@ -1,0 +1,104 @@
+"""exegpt's compiled CPU kernels, built on first use.
+
+`decode_attention.cpp` is a decode iteration's attention over the slot KV cache: each
+running row attends over its own context only. The executor's other path, one
+`scaled_dot_product_attention` call over the batch, reads every row's cache up to the
+longest context in the batch and masks the rest, so with contexts of mixed lengths much of
+what it reads is discarded; it also reads a KV head once per query head of its GQA group.
+The kernel reads a row's keys and values once, up to its own length, which makes a decode
+iteration's attention 2-3x faster on two cores (benchmarks/README.md).
+
+The source is compiled with torch's C++ extension loader (ninja and the machine's C++
+compiler, `-march=native`) into `$EXEGPT_CACHE/kernels/`, once per source and CPU, about
+10 s; later starts load the library. The op is registered as `torch.ops.exegpt_cpu.*`, so the
+step profile sorts it under attention. Where the build fails (no compiler) or
+`EXEGPT_KERNELS=off`, the executor keeps the SDPA path; the log says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from engine.model_loader import cache_dir
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_attention.cpp")
+HEAD_DIMS = (16, 32, 64, 128)  # the kernel's compiled head sizes
+MAX_GROUP = 16  # query heads per KV head
+Tensor = torch.Tensor
+DecodeAttention = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` compiles for: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = ("model name", "flags")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
+@cache
+def _load() -> bool:
+    """Build (or load the cached build of) the kernels; False where that is not possible."""
+    if os.environ.get("EXEGPT_KERNELS", "on").lower() in ("off", "0", "false", "no"):
+        logger.info("EXEGPT_KERNELS=off: decode attention runs on torch's SDPA")
+        return False
+    digest = hashlib.sha256(
+        SOURCE.read_bytes() + _cpu_signature().encode() + torch.__version__.encode()
+    ).hexdigest()[:16]
+    name = f"exegpt_kernels_{digest}"
+    build = cache_dir() / "kernels" / name
+    library, ready = build / f"{name}.so", build / "ready"
+    try:
+        if ready.exists():  # built before: load it directly (the loader takes ~2 s to check)
+            torch.ops.load_library(str(library))
+        else:  # under the loader's lock: a process starting meanwhile waits for this build
+            logger.info("building exegpt's CPU kernels into %s (once, ~10 s)", build)
+            build.mkdir(parents=True, exist_ok=True)
+            from torch.utils import cpp_extension  # imports setuptools: only to build
+
+            cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+                is_python_module=False,
+            )
+            ready.touch()
+    except Exception as exc:  # no compiler or ninja, a failed build: the SDPA path stays
+        logger.warning("exegpt's CPU kernels are unavailable (%s); decode attention uses SDPA", exc)
+        return False
+    return True
+
+
+def enabled_for(dtype: torch.dtype) -> bool:
+    """Whether executors of `dtype` run the compiled kernels (building them if needed)."""
+    return dtype == torch.bfloat16 and _load()
+
+
+def decode_attention(
+    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int
+) -> DecodeAttention | None:
+    """The compiled decode attention for this model's shapes, or None where it does not
+    apply (not bf16, other head sizes) or cannot be built.
+
+    The op takes q [n, heads, head_dim], the cache rows' k and v views
+    [n, kv_heads, span, head_dim] (head_dim contiguous), each row's number of keys [n]
+    (int64) and the softmax scale; it returns [n, heads, head_dim]."""
+    grouped = num_heads % num_kv_heads == 0 and num_heads <= MAX_GROUP * num_kv_heads
+    if head_dim not in HEAD_DIMS or not grouped or not enabled_for(dtype):
+        return None
+    op: DecodeAttention = torch.ops.exegpt_cpu.decode_attention
+    return op

@@ -1,0 +1,131 @@
+"""The compiled decode attention: the same attention as masked SDPA, reading only each row's
+own context, and the executor's bf16 steps through it agree with the SDPA path."""
+
+import pytest
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+
+from engine import kernels
+from engine.models import EncodeItem
+from engine.models.decoder_only import DecoderOnlyExecutor
+
+BF16 = torch.bfloat16
+
+
+def _op() -> kernels.DecodeAttention:
+    op = kernels.decode_attention(BF16, 64, 4, 2)
+    assert op is not None, "the kernels did not build (is a C++ compiler installed?)"
+    return op
+
+
+def _case(heads: int, kv_heads: int, head_dim: int, lengths: list[int], first: int = 2):
+    """A bf16 cache of 8 rows x 40 positions; the batch is rows first.. first + n."""
+    gen = torch.Generator().manual_seed(heads * 100 + head_dim)
+    k_cache, v_cache = (
+        torch.randn(8, kv_heads, 40, head_dim, generator=gen).to(BF16) for _ in range(2)
+    )
+    n = len(lengths)
+    q = torch.randn(n, heads, head_dim, generator=gen).to(BF16)
+    span = max(lengths)
+    rows = slice(first, first + n)
+    return q, k_cache[rows, :, :span], v_cache[rows, :, :span], torch.tensor(lengths)
+
+
+def _reference(q, k, v, num_keys, scale):
+    """Masked SDPA in float32 over the same bf16 values."""
+    mask = (torch.arange(k.shape[2]) < num_keys.unsqueeze(1))[:, None, None, :]
+    out = scaled_dot_product_attention(
+        q.float().unsqueeze(2), k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return out[:, :, 0]
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(9, 3, 64), (4, 4, 128), (16, 1, 32), (4, 2, 16)],
+    ids=["gqa3-64", "mha-128", "gqa16-32", "gqa2-16"],
+)
+def test_decode_attention_equals_masked_sdpa(heads, kv_heads, head_dim):
+    q, k, v, num_keys = _case(heads, kv_heads, head_dim, [1, 17, 40, 5])
+    got = _op()(q, k, v, num_keys, head_dim**-0.5)
+    assert got.dtype == BF16 and got.shape == q.shape
+    want = _reference(q, k, v, num_keys, head_dim**-0.5)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_a_row_reads_nothing_past_its_context():
+    q, k, v, num_keys = _case(9, 3, 64, [3, 30, 12])
+    clean = _op()(q, k, v, num_keys, 0.125)
+    for row, length in enumerate(num_keys.tolist()):
+        k[row, :, length:] = float("nan")
+        v[row, :, length:] = float("nan")
+    assert torch.equal(_op()(q, k, v, num_keys, 0.125), clean)
+
+
+def test_bad_inputs_are_refused_with_a_message():
+    q, k, v, num_keys = _case(4, 2, 64, [4, 9])
+    with pytest.raises(RuntimeError, match=r"row 0 context 0 outside 1\.\.9"):
+        _op()(q, k, v, torch.tensor([0, 9]), 0.125)
+    with pytest.raises(RuntimeError, match=r"row 1 context 10 outside 1\.\.9"):
+        _op()(q, k, v, torch.tensor([4, 10]), 0.125)
+    with pytest.raises(RuntimeError, match="bf16"):
+        _op()(q.float(), k.float(), v.float(), num_keys, 0.125)
+    with pytest.raises(RuntimeError, match="multiple of kv_heads"):
+        _op()(q[:, :3], k, v, num_keys, 0.125)
+
+
+def test_only_bf16_and_compiled_head_sizes_get_the_kernel():
+    assert kernels.decode_attention(torch.float32, 64, 4, 2) is None  # fp32 stays exact
+    assert kernels.decode_attention(BF16, 80, 4, 2) is None
+    assert kernels.decode_attention(BF16, 64, 6, 4) is None  # not whole GQA groups
+    assert kernels.decode_attention(BF16, 64, 64, 2) is None  # 32 query heads per KV head
+
+
+def test_bf16_executor_steps_agree_with_the_sdpa_path(load_cached):
+    """Prompts packed with running rows of different lengths: the kernel's logits are
+    SDPA's within bf16 rounding (logits here spread ~1.6; rounding moves them ~0.01 on
+    average, attending one key short moves them ~0.17 and up to ~3)."""
+    loaded = load_cached("random:llama", "bfloat16")
+    with_kernel = DecoderOnlyExecutor(loaded, num_slots=6, max_len=64)
+    with_sdpa = DecoderOnlyExecutor(loaded, num_slots=6, max_len=64)
+    assert with_kernel.decode_kernel is not None
+    with_sdpa.decode_kernel = None
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(100, 1000, (n,), generator=gen).tolist() for n in (5, 23, 11)]
+    first = [EncodeItem(slot=i, token_ids=p) for i, p in enumerate(prompts)]
+    joining = [EncodeItem(slot=3, token_ids=prompts[0][:4])]
+    steps = [
+        (first, [], []),
+        (joining, [7, 8, 9], [5, 23, 11]),  # an encoding that carries the running rows
+        ([], [10, 11, 12, 13], [6, 24, 12, 4]),
+    ]
+    for items, tokens, contexts in steps:
+        got = with_kernel.forward(items, tokens, contexts)
+        want = with_sdpa.forward(items, tokens, contexts)
+        diff = (got - want).abs()
+        assert diff.mean() < 0.03 and diff.max() < 0.25, (diff.mean(), diff.max())
+
+
+@pytest.fixture
+def fresh_load():
+    """kernels._load runs again for the test and is reset after it."""
+    kernels._load.cache_clear()
+    yield
+    kernels._load.cache_clear()
+
+
+def test_kernels_can_be_switched_off(fresh_load, monkeypatch):
+    monkeypatch.setenv("EXEGPT_KERNELS", "off")
+    assert kernels.decode_attention(BF16, 64, 4, 2) is None
+
+
+def test_a_failed_build_leaves_the_sdpa_path(
+    fresh_load, monkeypatch, tmp_path, caplog, load_cached
+):
+    monkeypatch.setenv("EXEGPT_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert kernels.decode_attention(BF16, 64, 4, 2) is None
+    assert "decode attention uses SDPA" in caplog.text
+    executor = DecoderOnlyExecutor(load_cached("random:llama", "bfloat16"), 2, 16)
+    assert executor.decode_kernel is None
+    assert executor.forward([EncodeItem(0, [5, 6, 7])], [], []).shape[0] == 1
