@@ -1,18 +1,21 @@
-"""exegpt's compiled CPU kernels, built on first use.
+"""exegpt's compiled CPU kernels for bf16 models, built on first use.
 
-`decode_attention.cpp` is a decode iteration's attention over the slot KV cache: each
-running row attends over its own context only. The executor's other path, one
-`scaled_dot_product_attention` call over the batch, reads every row's cache up to the
-longest context in the batch and masks the rest, so with contexts of mixed lengths much of
-what it reads is discarded; it also reads a KV head once per query head of its GQA group.
-The kernel reads a row's keys and values once, up to its own length, which makes a decode
-iteration's attention 2-3x faster on two cores (benchmarks/README.md).
+- `decode_attention.cpp`: a decode iteration's attention over the slot KV cache, each
+  running row over its own context only. The executor's other path, one
+  `scaled_dot_product_attention` call over the batch, reads every row's cache up to the
+  longest context in the batch and masks the rest, and reads a KV head once per query
+  head of its GQA group. The kernel reads a row's keys and values once, up to its own
+  length: a decode iteration's attention runs 2-3x faster on two cores.
+- `llama_ops.cpp`: the Llama family's RMSNorm and rotary embedding, one pass over the
+  activations each instead of five or six torch operations, rounded as those operations
+  round in bf16.
 
-The source is compiled with torch's C++ extension loader (ninja and the machine's C++
+The sources are compiled with torch's C++ extension loader (ninja and the machine's C++
 compiler, `-march=native`) into `$EXEGPT_CACHE/kernels/`, once per source and CPU, about
-10 s; later starts load the library. The op is registered as `torch.ops.exegpt_cpu.*`, so the
-step profile sorts it under attention. Where the build fails (no compiler) or
-`EXEGPT_KERNELS=off`, the executor keeps the SDPA path; the log says which.
+15 s; later starts load the library. The ops are registered as `torch.ops.exegpt_cpu.*`,
+so the step profile sorts them like torch's own. Where the build fails (no compiler) or
+`EXEGPT_KERNELS=off`, the executor keeps the torch operations; the log says which. Float32
+models always use the torch operations, which are bit for bit Hugging Face's.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from engine.model_loader import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_attention.cpp")
+SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
+# fast math lets the reductions vectorize; NaN and infinity keep their meaning
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
 HEAD_DIMS = (16, 32, 64, 128)  # the kernel's compiled head sizes
 MAX_GROUP = 16  # query heads per KV head
 Tensor = torch.Tensor
@@ -52,10 +57,13 @@ def _cpu_signature() -> str:
 def _load() -> bool:
     """Build (or load the cached build of) the kernels; False where that is not possible."""
     if os.environ.get("EXEGPT_KERNELS", "on").lower() in ("off", "0", "false", "no"):
-        logger.info("EXEGPT_KERNELS=off: decode attention runs on torch's SDPA")
+        logger.info("EXEGPT_KERNELS=off: torch operations run instead of exegpt's kernels")
         return False
     digest = hashlib.sha256(
-        SOURCE.read_bytes() + _cpu_signature().encode() + torch.__version__.encode()
+        b"".join(path.read_bytes() for path in SOURCES)
+        + " ".join(CFLAGS).encode()
+        + _cpu_signature().encode()
+        + torch.__version__.encode()
     ).hexdigest()[:16]
     name = f"exegpt_kernels_{digest}"
     build = cache_dir() / "kernels" / name
@@ -70,15 +78,15 @@ def _load() -> bool:
 
             cpp_extension.load(
                 name=name,
-                sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                sources=[str(path) for path in SOURCES],
+                extra_cflags=CFLAGS,
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build),
                 is_python_module=False,
             )
             ready.touch()
-    except Exception as exc:  # no compiler or ninja, a failed build: the SDPA path stays
-        logger.warning("exegpt's CPU kernels are unavailable (%s); decode attention uses SDPA", exc)
+    except Exception as exc:  # no compiler or ninja, a failed build: torch's operations stay
+        logger.warning("exegpt's CPU kernels are unavailable (%s); torch operations run", exc)
         return False
     return True
 
@@ -102,3 +110,13 @@ def decode_attention(
         return None
     op: DecodeAttention = torch.ops.exegpt_cpu.decode_attention
     return op
+
+
+def rms_norm(dtype: torch.dtype) -> Callable[[Tensor, Tensor, float], Tensor] | None:
+    """rms_norm(x [T, H], weight [H], eps) for `dtype` activations, or None."""
+    return torch.ops.exegpt_cpu.rms_norm if enabled_for(dtype) else None
+
+
+def rotary(dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """rotary(x [T, heads, D], cos [T, 1, D], sin [T, 1, D]) for `dtype`, or None."""
+    return torch.ops.exegpt_cpu.rotary if enabled_for(dtype) else None

@@ -115,9 +115,12 @@ class _LlamaArch:
         self.num_heads = cfg.num_attention_heads // size
         self.num_kv_heads = cfg.num_key_value_heads // size
         self.tp = tp
-        self.input_norms = [_RMSNorm(layer.input_layernorm) for layer in own]
-        self.post_norms = [_RMSNorm(layer.post_attention_layernorm) for layer in own]
-        self.final_norm = _RMSNorm(self.body.norm)
+        dtype = self.body.embed_tokens.weight.dtype
+        fused_norm = kernels.rms_norm(dtype)
+        self.input_norms = [_RMSNorm(layer.input_layernorm, fused_norm) for layer in own]
+        self.post_norms = [_RMSNorm(layer.post_attention_layernorm, fused_norm) for layer in own]
+        self.final_norm = _RMSNorm(self.body.norm, fused_norm)
+        self.fused_rotary = kernels.rotary(dtype)
         attns = [layer.self_attn for layer in own]
         mlps = [layer.mlp for layer in own]
         hd = self.head_dim
@@ -144,7 +147,9 @@ class _LlamaArch:
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         assert self.rope is not None
         # q and k are rotated in one pass: their columns are adjacent in the fused output
-        qk = _rotate(qkv[:, : (heads + kv_heads) * hd].view(-1, heads + kv_heads, hd), *self.rope)
+        qk = qkv[:, : (heads + kv_heads) * hd].view(-1, heads + kv_heads, hd)
+        rotate = _rotate if self.fused_rotary is None else self.fused_rotary
+        qk = rotate(qk, *self.rope)
         v = qkv[:, (heads + kv_heads) * hd :].view(-1, kv_heads, hd)
         return qk[:, :heads], qk[:, heads:], v
 
@@ -173,16 +178,20 @@ class _LlamaArch:
 
 
 class _RMSNorm:
-    """Hugging Face's Llama-family RMSNorm with its float32 part in one fused kernel: the
-    same arithmetic bit for bit (normalised in float32, rounded to the input's dtype, then
-    scaled by the weight), at half the passes over a long prompt's activations."""
+    """Hugging Face's Llama-family RMSNorm: normalised in float32, rounded to the input's
+    dtype, then scaled by the weight. In bf16 exegpt's kernel does it in one pass
+    (`fused`, engine/kernels); otherwise torch's rms_norm does the float32 part, the same
+    arithmetic bit for bit."""
 
-    def __init__(self, module: Any) -> None:
+    def __init__(self, module: Any, fused: Callable[..., torch.Tensor] | None) -> None:
         self.weight: torch.Tensor = module.weight.detach()
         self.shape = (self.weight.shape[0],)
         self.eps = float(module.variance_epsilon)
+        self.fused = fused
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(h, self.weight, self.eps)
         return self.weight * rms_norm(h.float(), self.shape, eps=self.eps).to(h.dtype)
 
 

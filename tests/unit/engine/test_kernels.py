@@ -1,15 +1,24 @@
-"""The compiled decode attention: the same attention as masked SDPA, reading only each row's
-own context, and the executor's bf16 steps through it agree with the SDPA path."""
+"""exegpt's compiled bf16 kernels: decode attention is masked SDPA reading only each row's
+own context, RMSNorm and rotary round as the torch operations do, and the executor's bf16
+steps through them agree with its torch-only path."""
 
 import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 from engine import kernels
-from engine.models import EncodeItem
+from engine.models import EncodeItem, decoder_only
 from engine.models.decoder_only import DecoderOnlyExecutor
 
 BF16 = torch.bfloat16
+
+
+@pytest.fixture
+def fresh_load():
+    """kernels._load runs again for the test and is reset after it."""
+    kernels._load.cache_clear()
+    yield
+    kernels._load.cache_clear()
 
 
 def _op() -> kernels.DecodeAttention:
@@ -81,15 +90,17 @@ def test_only_bf16_and_compiled_head_sizes_get_the_kernel():
     assert kernels.decode_attention(BF16, 64, 64, 2) is None  # 32 query heads per KV head
 
 
-def test_bf16_executor_steps_agree_with_the_sdpa_path(load_cached):
-    """Prompts packed with running rows of different lengths: the kernel's logits are
-    SDPA's within bf16 rounding (logits here spread ~1.6; rounding moves them ~0.01 on
-    average, attending one key short moves them ~0.17 and up to ~3)."""
+def test_bf16_executor_steps_agree_with_the_torch_path(load_cached, fresh_load, monkeypatch):
+    """Prompts packed with running rows of different lengths: the kernels' logits are the
+    torch operations' within bf16 rounding (logits here spread ~1.6; rounding moves them
+    ~0.01 on average, attending one key short moves them ~0.17 and up to ~3)."""
     loaded = load_cached("random:llama", "bfloat16")
-    with_kernel = DecoderOnlyExecutor(loaded, num_slots=6, max_len=64)
-    with_sdpa = DecoderOnlyExecutor(loaded, num_slots=6, max_len=64)
-    assert with_kernel.decode_kernel is not None
-    with_sdpa.decode_kernel = None
+    with_kernels = DecoderOnlyExecutor(loaded, num_slots=6, max_len=64)
+    assert with_kernels.decode_kernel is not None
+    monkeypatch.setenv("EXEGPT_KERNELS", "off")
+    kernels._load.cache_clear()
+    with_torch = DecoderOnlyExecutor(loaded, num_slots=6, max_len=64)
+    assert with_torch.decode_kernel is None
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(100, 1000, (n,), generator=gen).tolist() for n in (5, 23, 11)]
     first = [EncodeItem(slot=i, token_ids=p) for i, p in enumerate(prompts)]
@@ -100,18 +111,49 @@ def test_bf16_executor_steps_agree_with_the_sdpa_path(load_cached):
         ([], [10, 11, 12, 13], [6, 24, 12, 4]),
     ]
     for items, tokens, contexts in steps:
-        got = with_kernel.forward(items, tokens, contexts)
-        want = with_sdpa.forward(items, tokens, contexts)
+        got = with_kernels.forward(items, tokens, contexts)
+        want = with_torch.forward(items, tokens, contexts)
         diff = (got - want).abs()
         assert diff.mean() < 0.03 and diff.max() < 0.25, (diff.mean(), diff.max())
 
 
-@pytest.fixture
-def fresh_load():
-    """kernels._load runs again for the test and is reset after it."""
-    kernels._load.cache_clear()
-    yield
-    kernels._load.cache_clear()
+def _rms_norm_module(width: int, gen: torch.Generator) -> torch.nn.Module:
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter((1 + 0.1 * torch.randn(width, generator=gen)).to(BF16))
+    module.variance_epsilon = 1e-5
+    return module
+
+
+def test_rms_norm_rounds_as_the_torch_operations():
+    gen = torch.Generator().manual_seed(5)
+    module = _rms_norm_module(576, gen)
+    x = (3 * torch.randn(300, 576, generator=gen)).to(BF16)
+    fused = kernels.rms_norm(BF16)
+    assert fused is not None
+    got = decoder_only._RMSNorm(module, fused)(x)
+    want = decoder_only._RMSNorm(module, None)(x)
+    assert got.dtype == BF16
+    # the squares are summed in another order: a float32 scale one unit off can move a
+    # normalised value to the neighbouring bf16 on a rounding boundary, rarely; times the
+    # weight, that is under two bf16 steps (2 * 2^-7 relative)
+    assert (got != want).float().mean() < 0.01
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 * 2**-7, atol=0)
+    with pytest.raises(RuntimeError, match="bf16"):
+        fused(x.float(), module.weight, 1e-5)
+
+
+def test_rotary_is_the_torch_operations_bit_for_bit():
+    gen = torch.Generator().manual_seed(6)
+    heads, kv_heads, dim, tokens = 9, 3, 64, 37
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(BF16)
+    qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)  # strided
+    angles = torch.randn(tokens, 1, dim, generator=gen)
+    cos, sin = angles.cos().to(BF16), angles.sin().to(BF16)
+    fused = kernels.rotary(BF16)
+    assert fused is not None
+    assert torch.equal(fused(qk, cos, sin), decoder_only._rotate(qk, cos, sin))
+    with pytest.raises(RuntimeError, match="even head size"):
+        fused(qk[..., :63], cos[..., :63], sin[..., :63])
 
 
 def test_kernels_can_be_switched_off(fresh_load, monkeypatch):
@@ -125,7 +167,7 @@ def test_a_failed_build_leaves_the_sdpa_path(
     monkeypatch.setenv("EXEGPT_CACHE", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert kernels.decode_attention(BF16, 64, 4, 2) is None
-    assert "decode attention uses SDPA" in caplog.text
+    assert "torch operations run" in caplog.text
     executor = DecoderOnlyExecutor(load_cached("random:llama", "bfloat16"), 2, 16)
     assert executor.decode_kernel is None
     assert executor.forward([EncodeItem(0, [5, 6, 7])], [], []).shape[0] == 1
