@@ -5,7 +5,8 @@
   `scaled_dot_product_attention` call over the batch, reads every row's cache up to the
   longest context in the batch and masks the rest, and reads a KV head once per query
   head of its GQA group. The kernel reads a row's keys and values once, up to its own
-  length: a decode iteration's attention runs 2-3x faster on two cores.
+  length: a decode iteration's attention ran 1.9-2.7x faster on two cores
+  (benchmarks/README.md, `benchmarks/kernels_ab.py`).
 - `llama_ops.cpp`: the Llama family's RMSNorm and rotary embedding, one pass over the
   activations each instead of five or six torch operations, rounded as those operations
   round in bf16.
@@ -20,6 +21,7 @@ models always use the torch operations, which are bit for bit Hugging Face's.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -53,42 +55,58 @@ def _cpu_signature() -> str:
     return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
 
 
-@cache
-def _load() -> bool:
-    """Build (or load the cached build of) the kernels; False where that is not possible."""
-    if os.environ.get("EXEGPT_KERNELS", "on").lower() in ("off", "0", "false", "no"):
-        logger.info("EXEGPT_KERNELS=off: torch operations run instead of exegpt's kernels")
-        return False
+def build_dir() -> Path:
+    """Where this source, these flags, this CPU and this torch build the library."""
     digest = hashlib.sha256(
         b"".join(path.read_bytes() for path in SOURCES)
         + " ".join(CFLAGS).encode()
         + _cpu_signature().encode()
         + torch.__version__.encode()
     ).hexdigest()[:16]
-    name = f"exegpt_kernels_{digest}"
-    build = cache_dir() / "kernels" / name
-    library, ready = build / f"{name}.so", build / "ready"
-    try:
-        if ready.exists():  # built before: load it directly (the loader takes ~2 s to check)
-            torch.ops.load_library(str(library))
-        else:  # under the loader's lock: a process starting meanwhile waits for this build
-            logger.info("building exegpt's CPU kernels into %s (once, ~10 s)", build)
-            build.mkdir(parents=True, exist_ok=True)
-            from torch.utils import cpp_extension  # imports setuptools: only to build
+    return cache_dir() / "kernels" / f"exegpt_kernels_{digest}"
 
-            cpp_extension.load(
-                name=name,
-                sources=[str(path) for path in SOURCES],
-                extra_cflags=CFLAGS,
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build),
-                is_python_module=False,
-            )
-            ready.touch()
+
+@cache
+def _load() -> bool:
+    """Build (or load the cached build of) the kernels; False where that is not possible."""
+    if os.environ.get("EXEGPT_KERNELS", "on").lower() in ("off", "0", "false", "no"):
+        logger.info("EXEGPT_KERNELS=off: torch operations run instead of exegpt's kernels")
+        return False
+    build = build_dir()
+    library, ready = build / f"{build.name}.so", build / "ready"
+    try:
+        if not ready.exists():
+            _build(build, ready)
+        torch.ops.load_library(str(library))
     except Exception as exc:  # no compiler or ninja, a failed build: torch's operations stay
         logger.warning("exegpt's CPU kernels are unavailable (%s); torch operations run", exc)
         return False
     return True
+
+
+def _build(build: Path, ready: Path) -> None:
+    """Compile into `build`, one process at a time: the others wait on a lock the kernel
+    releases if its holder dies, so a build killed halfway holds no later start."""
+    build.mkdir(parents=True, exist_ok=True)
+    with (build / "build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ready.exists():  # another process built it meanwhile
+            return
+        logger.info("building exegpt's CPU kernels into %s (once, ~15 s)", build)
+        # torch's loader keeps its own lock file, which a killed build leaves behind and
+        # the loader would wait on forever; under ours, any such file is stale
+        (build / "lock").unlink(missing_ok=True)
+        from torch.utils import cpp_extension  # imports setuptools: only to build
+
+        cpp_extension.load(
+            name=build.name,
+            sources=[str(path) for path in SOURCES],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            is_python_module=False,
+        )
+        ready.touch()
 
 
 def enabled_for(dtype: torch.dtype) -> bool:

@@ -2,6 +2,11 @@
 own context, RMSNorm and rotary round as the torch operations do, and the executor's bf16
 steps through them agree with its torch-only path."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -171,3 +176,17 @@ def test_a_failed_build_leaves_the_sdpa_path(
     executor = DecoderOnlyExecutor(load_cached("random:llama", "bfloat16"), 2, 16)
     assert executor.decode_kernel is None
     assert executor.forward([EncodeItem(0, [5, 6, 7])], [], []).shape[0] == 1
+
+
+@pytest.mark.timeout(240)
+def test_a_build_killed_halfway_does_not_hold_the_next_start(tmp_path):
+    """torch's loader leaves its lock file behind when killed mid-build and would wait on
+    it forever; the next start builds. In a fresh process: this one has the ops loaded."""
+    env = os.environ | {"EXEGPT_CACHE": str(tmp_path), "EXEGPT_KERNELS": "on"}
+    probe = "from engine import kernels; print(kernels.build_dir())"
+    build = Path(subprocess.check_output([sys.executable, "-c", probe], env=env, text=True).strip())
+    build.mkdir(parents=True)
+    (build / "lock").touch()
+    check = "import torch; from engine import kernels; assert kernels.enabled_for(torch.bfloat16)"
+    subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=200)
+    assert (build / "ready").exists() and not (build / "lock").exists()
