@@ -26,7 +26,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """One process's run and step profile (the kernels as EXEGPT_KERNELS says)."""
     from engine import kernels
     from engine.bench import warm_up
-    from engine.bench_offline import make_engine, profile_run, run_engine
+    from engine.bench_offline import make_engine, profile_run, run_engine, schedule_for
     from engine.model_loader import load_model
     from engine.workloads import make_prompts, task_queries
 
@@ -34,7 +34,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     queries = task_queries(args.task, args.num_queries)
     prompts = make_prompts(queries, loaded.vocab_size)
     knobs = dict(args.knob)
-    with make_engine(loaded, queries, max(knobs.values())) as engine:
+    max_batch = schedule_for(args.policy, knobs).max_batch
+    with make_engine(loaded, queries, max_batch) as engine:
         warm_up(engine, args.task, queries, prompts)
         run = run_engine(engine, args.task, args.policy, knobs, queries, prompts, "ab")
         steps = profile_run(engine, args.policy, knobs, prompts, queries, args.profile_steps)

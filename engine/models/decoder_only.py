@@ -120,7 +120,7 @@ class _LlamaArch:
         self.input_norms = [_RMSNorm(layer.input_layernorm, fused_norm) for layer in own]
         self.post_norms = [_RMSNorm(layer.post_attention_layernorm, fused_norm) for layer in own]
         self.final_norm = _RMSNorm(self.body.norm, fused_norm)
-        self.fused_rotary = kernels.rotary(dtype)
+        self.rotate = kernels.rotary(dtype) or _rotate  # q and k by their positions
         attns = [layer.self_attn for layer in own]
         mlps = [layer.mlp for layer in own]
         hd = self.head_dim
@@ -147,9 +147,9 @@ class _LlamaArch:
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         assert self.rope is not None
         # q and k are rotated in one pass: their columns are adjacent in the fused output
-        qk = qkv[:, : (heads + kv_heads) * hd].view(-1, heads + kv_heads, hd)
-        rotate = _rotate if self.fused_rotary is None else self.fused_rotary
-        qk = rotate(qk, *self.rope)
+        qk = self.rotate(
+            qkv[:, : (heads + kv_heads) * hd].view(-1, heads + kv_heads, hd), *self.rope
+        )
         v = qkv[:, (heads + kv_heads) * hd :].view(-1, kv_heads, hd)
         return qk[:, :heads], qk[:, heads:], v
 
