@@ -108,7 +108,6 @@ def needed_tokens(queries: Sequence[Query]) -> int:
 # -- step profile ------------------------------------------------------------------------
 CATEGORIES = ("matmul", "attention", "kv_cache", "sampling", "other_ops", "python_and_idle")
 _MATMUL = ("mm", "addmm", "bmm", "matmul", "linear", "_linear_pointwise")
-_ATTENTION = ("scaled_dot_product", "flash_attention", "decode_attention")
 SAMPLING_LABEL = "exegpt::sample"
 KV_MOVE_LABEL = "exegpt::kv_move"
 PHASE_LABELS = {"encode": "exegpt::encode", "decode": "exegpt::decode"}
@@ -118,7 +117,7 @@ def _category(name: str) -> str:
     op = name.split("::")[-1]
     if op in _MATMUL:
         return "matmul"
-    if any(key in op for key in _ATTENTION):
+    if "attention" in op:  # torch's SDPA and flash attention, exegpt's kernels
         return "attention"
     if op in ("index_put_", "_index_put_impl_"):
         return "kv_cache"

@@ -2,11 +2,11 @@
 
 The controller plans with the engine's own layer times (`exegpt profile`, engine/profiler.py).
 Measuring SmolLM2's full grid takes about 95 s here, so a profile is kept under
-`$EXEGPT_CACHE/profiles/`, keyed by model, device, dtype, torch threads, grid and whether
-the compiled kernels run (engine/kernels); a later start reads it in milliseconds. `quick`
-is the small grid (batch <= 16, length <= 256, seconds on a small model; the controller's
-refit corrects its scale while serving); a path names a profile file made by
-`exegpt profile`.
+`$EXEGPT_CACHE/profiles/`, keyed by model, device, dtype, torch threads, grid and the
+compiled kernels that run (engine/kernels: another build of them is measured again); a
+later start reads it in milliseconds. `quick` is the small grid (batch <= 16, length <=
+256, seconds on a small model; the controller's refit corrects its scale while serving); a
+path names a profile file made by `exegpt profile`.
 
 Only a clean profile is kept: one measured while the machine was too busy (over
 MAX_INVERTED_SHARE of neighbouring points inverted even after re-measuring, see
@@ -37,8 +37,8 @@ GRIDS = {"full": ProfileOptions(), "quick": QUICK}
 
 def cache_path(loaded: LoadedModel, grid: str) -> Path:
     device, _ = device_info(loaded)
-    attention = "kernels" if kernels.enabled_for(loaded.dtype) else "sdpa"
-    key = f"{loaded.name}|{device}|{loaded.dtype}|{torch.get_num_threads()}|{grid}|{attention}"
+    ops = kernels.signature(loaded.dtype)
+    key = f"{loaded.name}|{device}|{loaded.dtype}|{torch.get_num_threads()}|{grid}|{ops}"
     readable = re.sub(r"[^A-Za-z0-9]+", "-", f"{loaded.name}-{grid}").strip("-")[:60]
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_dir() / "profiles" / f"{readable}-{digest}.json"

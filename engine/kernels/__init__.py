@@ -7,6 +7,11 @@
   head of its GQA group. The kernel reads a row's keys and values once, up to its own
   length: a decode iteration's attention ran 1.9-2.7x faster on two cores
   (benchmarks/README.md, `benchmarks/kernels_ab.py`).
+- `prefill_attention.cpp`: causal attention over an encoding step's packed prompts, on
+  CPUs with AVX512-BF16 (elsewhere it is not built in and torch's flash attention runs):
+  scores and weighted values as bf16 dot products with float32 sums, softmax vectorised
+  across positions. Torch's flash attention, called once per prompt, spent 40% of a long
+  encoding step there at ~60 GFLOP/s.
 - `llama_ops.cpp`: the Llama family's RMSNorm and rotary embedding, one pass over the
   activations each instead of five or six torch operations, rounded as those operations
   round in bf16.
@@ -43,6 +48,7 @@ HEAD_DIMS = (16, 32, 64, 128)  # the kernel's compiled head sizes
 MAX_GROUP = 16  # query heads per KV head
 Tensor = torch.Tensor
 DecodeAttention = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
+PrefillAttention = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
 
 
 def _cpu_signature() -> str:
@@ -109,6 +115,12 @@ def _build(build: Path, ready: Path) -> None:
         ready.touch()
 
 
+def signature(dtype: torch.dtype) -> str:
+    """What runs for `dtype` models: the kernels' build (named by a digest of their sources,
+    flags, CPU and torch), or "torch"; measurements of one do not stand for another."""
+    return build_dir().name if enabled_for(dtype) else "torch"
+
+
 def enabled_for(dtype: torch.dtype) -> bool:
     """Whether executors of `dtype` run the compiled kernels (building them if needed)."""
     return dtype == torch.bfloat16 and _load()
@@ -123,11 +135,35 @@ def decode_attention(
     The op takes q [n, heads, head_dim], the cache rows' k and v views
     [n, kv_heads, span, head_dim] (head_dim contiguous), each row's number of keys [n]
     (int64) and the softmax scale; it returns [n, heads, head_dim]."""
-    grouped = num_heads % num_kv_heads == 0 and num_heads <= MAX_GROUP * num_kv_heads
-    if head_dim not in HEAD_DIMS or not grouped or not enabled_for(dtype):
+    if not _attention_applies(dtype, head_dim, num_heads, num_kv_heads):
         return None
     op: DecodeAttention = torch.ops.exegpt_cpu.decode_attention
     return op
+
+
+def prefill_attention(
+    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int
+) -> PrefillAttention | None:
+    """The compiled causal attention over packed prompts, or None where it does not apply
+    (as decode_attention's, and on CPUs without AVX512-BF16, where it is not built in).
+
+    The op takes q [T, heads, head_dim], k and v [T, kv_heads, head_dim] (any strides,
+    head_dim contiguous), the prompts' lengths [S] (int64, packing order) and the softmax
+    scale; it returns [sum(lengths), heads, head_dim], each prompt attending causally
+    within itself."""
+    if not _attention_applies(dtype, head_dim, num_heads, num_kv_heads):
+        return None
+    if not hasattr(torch.ops.exegpt_cpu, "prefill_attention"):
+        return None
+    op: PrefillAttention = torch.ops.exegpt_cpu.prefill_attention
+    return op
+
+
+def _attention_applies(
+    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int
+) -> bool:
+    grouped = num_heads % num_kv_heads == 0 and num_heads <= MAX_GROUP * num_kv_heads
+    return head_dim in HEAD_DIMS and grouped and enabled_for(dtype)
 
 
 def rms_norm(dtype: torch.dtype) -> Callable[[Tensor, Tensor, float], Tensor] | None:

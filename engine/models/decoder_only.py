@@ -334,9 +334,9 @@ class DecoderOnlyExecutor:
         self.max_len = max_len
         self.dtype = loaded.dtype
         arch = self.arch
-        self.decode_kernel = kernels.decode_attention(
-            loaded.dtype, arch.head_dim, arch.num_heads, arch.num_kv_heads
-        )
+        shape_args = (loaded.dtype, arch.head_dim, arch.num_heads, arch.num_kv_heads)
+        self.decode_kernel = kernels.decode_attention(*shape_args)
+        self.prefill_kernel = kernels.prefill_attention(*shape_args)
 
     @property
     def hidden_size(self) -> int:
@@ -389,6 +389,7 @@ class DecoderOnlyExecutor:
         rows_end = packed + n
         first, rows = batch.first_row, torch.arange(batch.first_row, batch.first_row + n)
         span = batch.mask.shape[-1]
+        prompt_lens = torch.tensor(lengths)
         for i in range(self.arch.num_layers):
             q, k, v = self.arch.qkv(i, h)  # q [tokens, heads, hd], k/v [tokens, kv_heads, hd]
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
@@ -400,11 +401,10 @@ class DecoderOnlyExecutor:
                     k_cache[item.slot, :, :length] = k[start:end].transpose(0, 1)
                     v_cache[item.slot, :, :length] = v[start:end].transpose(0, 1)
                     start = end
-                scale = self.arch.attn_scale(i)
                 parts.append(
-                    causal_prefill_attention(
-                        q[:packed], k[:packed], v[:packed], lengths, scale
-                    ).flatten(1)
+                    self._prefill_attention(
+                        i, q[:packed], k[:packed], v[:packed], lengths, prompt_lens
+                    )
                 )
             if n:
                 k_cache[rows, :, batch.decode_pos] = k[packed:rows_end]
@@ -415,6 +415,25 @@ class DecoderOnlyExecutor:
                 parts.append(q.new_zeros(batch.padding, q.shape[1] * q.shape[2]))
             h = self.arch.finish_layer(i, h, parts[0] if len(parts) == 1 else torch.cat(parts))
         return h
+
+    def _prefill_attention(
+        self,
+        i: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lengths: list[int],
+        prompt_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """[packed, heads * head_dim]: each prompt's causal attention within itself (q
+        [packed, heads, head_dim], k and v [packed, kv_heads, head_dim]); the compiled
+        kernel where it runs, else torch's flash attention per prompt."""
+        scale = self.arch.attn_scale(i)
+        if self.prefill_kernel is not None:
+            if scale is None:
+                scale = self.arch.head_dim**-0.5
+            return self.prefill_kernel(q, k, v, prompt_lens, scale).flatten(1)
+        return causal_prefill_attention(q, k, v, lengths, scale).flatten(1)
 
     def _decode_attention(
         self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch

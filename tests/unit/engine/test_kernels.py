@@ -1,6 +1,7 @@
 """exegpt's compiled bf16 kernels: decode attention is masked SDPA reading only each row's
-own context, RMSNorm and rotary round as the torch operations do, and the executor's bf16
-steps through them agree with its torch-only path."""
+own context, prefill attention is causal attention within each packed prompt, RMSNorm and
+rotary round as the torch operations do, and the executor's bf16 steps through them agree
+with its torch-only path."""
 
 import os
 import subprocess
@@ -13,9 +14,22 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from engine import kernels
 from engine.models import EncodeItem, decoder_only
+from engine.models.base import causal_prefill_attention
 from engine.models.decoder_only import DecoderOnlyExecutor
 
 BF16 = torch.bfloat16
+
+
+def _cpu_has_bf16_dot() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# the prefill kernel is built in where the CPU has AVX512-BF16, and must be there
+HAS_BF16_DOT = _cpu_has_bf16_dot()
+needs_bf16_dot = pytest.mark.skipif(not HAS_BF16_DOT, reason="no AVX512-BF16: no prefill kernel")
 
 
 @pytest.fixture
@@ -88,11 +102,81 @@ def test_bad_inputs_are_refused_with_a_message():
         _op()(q[:, :3], k, v, num_keys, 0.125)
 
 
+def _prefill_op() -> kernels.PrefillAttention:
+    op = kernels.prefill_attention(BF16, 64, 4, 2)
+    assert op is not None, "the CPU has AVX512-BF16, yet the prefill kernel is not built in"
+    return op
+
+
+def _packed(heads: int, kv_heads: int, head_dim: int, tokens: int, seed: int = 0):
+    """q, k, v as the executor has them: strided views into one fused QKV output."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=gen).to(BF16)
+    return qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(9, 3, 64), (4, 4, 128), (16, 1, 32), (4, 2, 16), (10, 2, 64)],
+    ids=["gqa3-64", "mha-128", "gqa16-32", "gqa2-16", "gqa5-64"],
+)
+def test_prefill_attention_equals_causal_sdpa(heads, kv_heads, head_dim):
+    """Prompts of 1 to 100 tokens, packed, on either side of the 16-position and 32-key
+    blocks, with tokens after the last prompt (an encoding step's padding): the kernel is
+    exact causal attention within each prompt up to bf16 rounding, as close to it as
+    torch's own bf16 flash attention."""
+    lengths = [1, 17, 40, 5, 33, 16, 100]
+    packed = sum(lengths)
+    q, k, v = _packed(heads, kv_heads, head_dim, packed + 7)
+    scale = head_dim**-0.5
+    got = _prefill_op()(q, k, v, torch.tensor(lengths), scale)
+    assert got.dtype == BF16 and got.shape == (packed, heads, head_dim)
+    exact = causal_prefill_attention(
+        q[:packed].float(), k[:packed].float(), v[:packed].float(), lengths, scale
+    )
+    torch_bf16 = causal_prefill_attention(q[:packed], k[:packed], v[:packed], lengths, scale)
+    error = (got.float() - exact).abs()
+    torch_error = (torch_bf16.float() - exact).abs()
+    assert error.max() < 2e-2 and error.mean() < 1.5 * torch_error.mean() + 1e-4
+
+
+@needs_bf16_dot
+def test_a_prompt_sees_only_its_own_earlier_tokens():
+    """Changing a prompt's later tokens, another prompt or the padding after the last
+    prompt leaves every earlier output of a prompt bit for bit the same."""
+    lengths = [20, 37, 9]
+    q, k, v = _packed(9, 3, 64, 70, seed=1)
+    clean = _prefill_op()(q, k, v, torch.tensor(lengths), 0.125)
+    for tensor in (q, k, v):  # the second prompt's positions 21.. and everything after it
+        tensor[20 + 21 :] = torch.randn_like(tensor[20 + 21 :])
+    changed = _prefill_op()(q, k, v, torch.tensor(lengths), 0.125)
+    assert torch.equal(changed[: 20 + 21], clean[: 20 + 21])
+    assert not torch.equal(changed[20 + 21 :], clean[20 + 21 :])
+
+
+@needs_bf16_dot
+def test_prefill_attention_refuses_bad_inputs_with_a_message():
+    q, k, v = _packed(4, 2, 64, 10)
+    with pytest.raises(RuntimeError, match="lengths must be positive"):
+        _prefill_op()(q, k, v, torch.tensor([4, 0]), 0.125)
+    with pytest.raises(RuntimeError, match="add up to 11 tokens; q has 10"):
+        _prefill_op()(q, k, v, torch.tensor([4, 7]), 0.125)
+    with pytest.raises(RuntimeError, match="bf16"):
+        _prefill_op()(q.float(), k.float(), v.float(), torch.tensor([4]), 0.125)
+    with pytest.raises(RuntimeError, match="multiple of kv_heads"):
+        _prefill_op()(q[:, :3], k, v, torch.tensor([4]), 0.125)
+    with pytest.raises(RuntimeError, match="head_dim 16, 32, 64, 128"):
+        _prefill_op()(q[..., :48], k[..., :48], v[..., :48], torch.tensor([4]), 0.125)
+
+
 def test_only_bf16_and_compiled_head_sizes_get_the_kernel():
     assert kernels.decode_attention(torch.float32, 64, 4, 2) is None  # fp32 stays exact
     assert kernels.decode_attention(BF16, 80, 4, 2) is None
     assert kernels.decode_attention(BF16, 64, 6, 4) is None  # not whole GQA groups
     assert kernels.decode_attention(BF16, 64, 64, 2) is None  # 32 query heads per KV head
+    assert kernels.prefill_attention(torch.float32, 64, 4, 2) is None
+    assert kernels.prefill_attention(BF16, 80, 4, 2) is None
 
 
 def test_bf16_executor_steps_agree_with_the_torch_path(load_cached, fresh_load, monkeypatch):
@@ -102,18 +186,19 @@ def test_bf16_executor_steps_agree_with_the_torch_path(load_cached, fresh_load, 
     loaded = load_cached("random:llama", "bfloat16")
     with_kernels = DecoderOnlyExecutor(loaded, num_slots=6, max_len=64)
     assert with_kernels.decode_kernel is not None
+    assert (with_kernels.prefill_kernel is not None) == HAS_BF16_DOT
     monkeypatch.setenv("EXEGPT_KERNELS", "off")
     kernels._load.cache_clear()
     with_torch = DecoderOnlyExecutor(loaded, num_slots=6, max_len=64)
-    assert with_torch.decode_kernel is None
+    assert with_torch.decode_kernel is None and with_torch.prefill_kernel is None
     gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(100, 1000, (n,), generator=gen).tolist() for n in (5, 23, 11)]
+    prompts = [torch.randint(100, 1000, (n,), generator=gen).tolist() for n in (5, 40, 11)]
     first = [EncodeItem(slot=i, token_ids=p) for i, p in enumerate(prompts)]
     joining = [EncodeItem(slot=3, token_ids=prompts[0][:4])]
     steps = [
         (first, [], []),
-        (joining, [7, 8, 9], [5, 23, 11]),  # an encoding that carries the running rows
-        ([], [10, 11, 12, 13], [6, 24, 12, 4]),
+        (joining, [7, 8, 9], [5, 40, 11]),  # an encoding that carries the running rows
+        ([], [10, 11, 12, 13], [6, 41, 12, 4]),
     ]
     for items, tokens, contexts in steps:
         got = with_kernels.forward(items, tokens, contexts)
@@ -172,6 +257,7 @@ def test_a_failed_build_leaves_the_sdpa_path(
     monkeypatch.setenv("EXEGPT_CACHE", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert kernels.decode_attention(BF16, 64, 4, 2) is None
+    assert kernels.prefill_attention(BF16, 64, 4, 2) is None
     assert "torch operations run" in caplog.text
     executor = DecoderOnlyExecutor(load_cached("random:llama", "bfloat16"), 2, 16)
     assert executor.decode_kernel is None

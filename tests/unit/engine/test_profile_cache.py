@@ -1,4 +1,5 @@
-"""The serving profile is measured once per model, device, dtype, threads and grid, then read."""
+"""The serving profile is measured once per model, device, dtype, threads, grid and build of
+the compiled kernels, then read."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def test_quick_profile_is_measured_once_then_read_from_the_cache(
         torch.set_num_threads(2)
         assert cache_path(loaded, "quick") != path  # another thread count, another profile
         assert cache_path(loaded, "full") != path
+        torch.set_num_threads(1)
+        monkeypatch.setattr("engine.kernels.signature", lambda dtype: "exegpt_kernels_0123")
+        assert cache_path(loaded, "quick") != path  # other compiled kernels, another profile
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(PlanningError, match="no profile"):
