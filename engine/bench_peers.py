@@ -9,7 +9,12 @@ measure it (engine/bench_offline.py). B is the knob swept, as a server's max bat
 
 - `vllm`: vLLM's CPU build in its own virtual environment (`--vllm-python`), started with
   its best setting on this kind of machine (ECOSYSTEM.md): OpenMP threads bound to every
-  core, none reserved, Intel OpenMP preloaded.
+  core, none reserved, Intel OpenMP preloaded. Its prefix cache is off: the comparison
+  runs the same prompts once per knob setting, and with the cache on (vLLM's default) every
+  run after the first found the prompts' keys and values left by the one before and skipped
+  their encoding (task S then ran at 13.7 queries/s, which computed in full would take the
+  whole bf16 matmul ceiling of the machine). The queries are distinct, so a first sight of
+  them is what serving them costs; exegpt keeps no cache across requests either.
 - `transformers-serve` is always reported as skipped: its `/v1/completions` (transformers
   5.24) answers a token-id prompt with 400 "prompt must be a string" and `ignore_eos` /
   `min_tokens` with 422, so it cannot run the same queries token for token.
@@ -69,6 +74,7 @@ class Peer:
             # on the CPU backend this is the share of RAM it reserves; it refuses to
             # start when more than that is not free, as on a machine shared with others
             "--gpu-memory-utilization", "0.3",
+            "--no-enable-prefix-caching",  # each run computes its prompts (see above)
         ]  # fmt: skip
 
     def environment(self) -> dict[str, str]:

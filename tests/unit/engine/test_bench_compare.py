@@ -12,7 +12,7 @@ import pytest
 
 from engine.bench_compare import Trial, interleave
 from engine.bench_offline import BOUND_BATCHES, QUICK_GRID
-from engine.bench_peers import find_peers
+from engine.bench_peers import Peer, find_peers
 from engine.cli import main
 from engine.profiler import ProfileOptions, profile_model
 
@@ -66,6 +66,15 @@ def test_unavailable_peers_are_skipped_with_their_reason(report: dict[str, Any])
     assert "vllm" not in {r["policy"] for r in report["tasks"]["S"]["runs"]}
     _, skipped = find_peers(Path(sys.executable), Path("."), 64)
     assert "cannot import vllm" in skipped["vllm"]
+
+
+def test_vllm_computes_every_run_s_prompts() -> None:
+    """The comparison runs the same prompts once per knob setting: vLLM's prefix cache
+    would serve later runs' prompts from the earlier ones', so it is off; its batch knob
+    is its max-num-seqs."""
+    command = Peer("python", Path("model"), 1024).command(port=8123, batch=16)
+    assert "--no-enable-prefix-caching" in command
+    assert command[command.index("--max-num-seqs") + 1] == "16"
 
 
 def test_ratios_are_exegpt_over_each_system_at_each_bound(report: dict[str, Any]) -> None:
