@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -76,6 +77,12 @@ inline __m512i interleave_index(int from, int apart) {
     idx[2 * i + 1] = static_cast<uint16_t>(from + apart + i);
   }
   return _mm512_load_si512(idx);
+}
+
+// The lanes (positions c0 + l) that see key `key`: those with key <= c0 + l.
+inline __mmask16 seeing(int key, int c0) {
+  const int past = key - c0;  // lanes below this one cannot see the key
+  return past <= 0 ? __mmask16(0xFFFF) : __mmask16(0xFFFF << past);
 }
 
 struct Strides {
@@ -206,21 +213,14 @@ void unit(Scratch<D>& w, const uint16_t* q, const uint16_t* k, const uint16_t* v
     });
     const int pairs = (nk + 1) / 2;
     for (int b = 0; b < g; ++b) {
-      // key j is visible to lane l iff j <= c0 + l
       __m512 top = m[b];
-      for (int j = 0; j < nk; ++j) {
-        const int past = k0 + j - c0;  // lanes below this one cannot see key j
-        const __mmask16 sees = past <= 0 ? __mmask16(0xFFFF) : __mmask16(0xFFFF << past);
-        top = _mm512_mask_max_ps(top, sees, top, _mm512_load_ps(w.s[j][b]));
-      }
+      for (int j = 0; j < nk; ++j)
+        top = _mm512_mask_max_ps(top, seeing(k0 + j, c0), top, _mm512_load_ps(w.s[j][b]));
       const __m512 alpha = exp512(_mm512_sub_ps(m[b], top));
       m[b] = top;
       __m512 sum = _mm512_setzero_ps();
-      for (int j = 0; j < 2 * pairs; ++j) {
-        const int past = k0 + j - c0;
-        const __mmask16 sees = j >= nk ? __mmask16(0)
-                               : past <= 0 ? __mmask16(0xFFFF)
-                                           : __mmask16(0xFFFF << past);
+      for (int j = 0; j < 2 * pairs; ++j) {  // an odd block's missing last key weighs 0
+        const __mmask16 sees = j < nk ? seeing(k0 + j, c0) : __mmask16(0);
         const __m512 p =
             _mm512_maskz_mov_ps(sees, exp512(_mm512_sub_ps(_mm512_load_ps(w.s[j][b]), top)));
         sum = _mm512_add_ps(sum, p);
@@ -281,13 +281,13 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   std::atomic<size_t> next{0};
   const auto scale_f = static_cast<float>(scale);
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), units.size());
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Scratch<D>> scratch(1);  // heap: a few hundred KB at D = 128
-    for (int64_t t = begin; t < end; ++t)
-      for (size_t i = next++; i < units.size(); i = next++) {
-        const Unit& u = units[i];
-        unit<D>(scratch[0], qp, kp, vp, st, u.t0, u.c0, u.lanes, u.h, g, scale_f, op, heads);
-      }
+  // one task per thread, each taking units from the counter until none is left
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const auto scratch = std::make_unique<Scratch<D>>();  // heap: ~260 KB at D = 128
+    for (size_t i = next++; i < units.size(); i = next++) {
+      const Unit& u = units[i];
+      unit<D>(*scratch, qp, kp, vp, st, u.t0, u.c0, u.lanes, u.h, g, scale_f, op, heads);
+    }
   });
 }
 

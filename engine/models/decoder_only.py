@@ -286,6 +286,7 @@ class StepBatch:
     ids: torch.Tensor  # [packed + n]: prompt tokens first, then one token per running row
     positions: torch.Tensor  # [packed + n]
     decode_pos: torch.Tensor  # [n]: each running row's new token's position
+    prompt_lens: torch.Tensor  # [items]: `lengths` as a tensor, for the prefill kernel
     mask: torch.Tensor  # [n, 1, 1, span]: row r sees keys 0..decode_pos[r]
     num_keys: torch.Tensor  # [n]: decode_pos + 1, the keys each running row attends
     first_row: int = 0  # the running rows are cache rows [first_row, first_row + n)
@@ -372,6 +373,7 @@ class DecoderOnlyExecutor:
                 ]
             ),
             decode_pos=decode_pos,
+            prompt_lens=torch.tensor(lengths, dtype=torch.long),
             mask=(torch.arange(span).unsqueeze(0) <= decode_pos.unsqueeze(1))[:, None, None, :],
             num_keys=decode_pos + 1,
             first_row=first_row,
@@ -389,7 +391,6 @@ class DecoderOnlyExecutor:
         rows_end = packed + n
         first, rows = batch.first_row, torch.arange(batch.first_row, batch.first_row + n)
         span = batch.mask.shape[-1]
-        prompt_lens = torch.tensor(lengths)
         for i in range(self.arch.num_layers):
             q, k, v = self.arch.qkv(i, h)  # q [tokens, heads, hd], k/v [tokens, kv_heads, hd]
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
@@ -401,11 +402,7 @@ class DecoderOnlyExecutor:
                     k_cache[item.slot, :, :length] = k[start:end].transpose(0, 1)
                     v_cache[item.slot, :, :length] = v[start:end].transpose(0, 1)
                     start = end
-                parts.append(
-                    self._prefill_attention(
-                        i, q[:packed], k[:packed], v[:packed], lengths, prompt_lens
-                    )
-                )
+                parts.append(self._prefill_attention(i, q[:packed], k[:packed], v[:packed], batch))
             if n:
                 k_cache[rows, :, batch.decode_pos] = k[packed:rows_end]
                 v_cache[rows, :, batch.decode_pos] = v[packed:rows_end]
@@ -417,23 +414,15 @@ class DecoderOnlyExecutor:
         return h
 
     def _prefill_attention(
-        self,
-        i: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        lengths: list[int],
-        prompt_lens: torch.Tensor,
+        self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch
     ) -> torch.Tensor:
         """[packed, heads * head_dim]: each prompt's causal attention within itself (q
         [packed, heads, head_dim], k and v [packed, kv_heads, head_dim]); the compiled
         kernel where it runs, else torch's flash attention per prompt."""
-        scale = self.arch.attn_scale(i)
         if self.prefill_kernel is not None:
-            if scale is None:
-                scale = self.arch.head_dim**-0.5
-            return self.prefill_kernel(q, k, v, prompt_lens, scale).flatten(1)
-        return causal_prefill_attention(q, k, v, lengths, scale).flatten(1)
+            scale = self._kernel_scale(i)
+            return self.prefill_kernel(q, k, v, batch.prompt_lens, scale).flatten(1)
+        return causal_prefill_attention(q, k, v, batch.lengths, self.arch.attn_scale(i)).flatten(1)
 
     def _decode_attention(
         self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch
@@ -442,15 +431,24 @@ class DecoderOnlyExecutor:
         cached keys and values (k, v [n, kv_heads, span, head_dim]) up to its new token.
         The compiled kernel reads a row's cache up to its own length only; SDPA reads
         every row up to the span and masks."""
-        scale = self.arch.attn_scale(i)
         if self.decode_kernel is not None:
-            if scale is None:
-                scale = self.arch.head_dim**-0.5
+            scale = self._kernel_scale(i)
             return self.decode_kernel(q, k, v, batch.num_keys, scale).flatten(1)
         out = scaled_dot_product_attention(
-            q.unsqueeze(2), k, v, attn_mask=batch.mask, scale=scale, enable_gqa=True
+            q.unsqueeze(2),
+            k,
+            v,
+            attn_mask=batch.mask,
+            scale=self.arch.attn_scale(i),
+            enable_gqa=True,
         )  # [n, heads, 1, head_dim]
         return out.flatten(1)
+
+    def _kernel_scale(self, i: int) -> float:
+        """Layer i's softmax scale for the compiled kernels: the architecture's, else
+        1/sqrt(head_dim), what torch's attention takes for None."""
+        scale = self.arch.attn_scale(i)
+        return self.arch.head_dim**-0.5 if scale is None else scale
 
     def logits(self, batch: StepBatch, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits [items + n, vocab]; an item's come from its last prompt token."""

@@ -20,15 +20,8 @@ from engine.models.decoder_only import DecoderOnlyExecutor
 BF16 = torch.bfloat16
 
 
-def _cpu_has_bf16_dot() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 # the prefill kernel is built in where the CPU has AVX512-BF16, and must be there
-HAS_BF16_DOT = _cpu_has_bf16_dot()
+HAS_BF16_DOT = "avx512_bf16" in kernels._cpu_signature()
 needs_bf16_dot = pytest.mark.skipif(not HAS_BF16_DOT, reason="no AVX512-BF16: no prefill kernel")
 
 
