@@ -254,16 +254,27 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians over the round pairs, and the spread of the pairs' overheads: the machine's
+    speed moves between two rounds a few seconds apart, so one pair can read anywhere
+    within +-15%; the mean's standard error says how far the runs' figure can be trusted."""
+
     def median(path: str, key: str) -> float:
         return float(statistics.median(r[path][key] for r in rounds))
 
+    overheads = [r["overhead"] for r in rounds]
+    stderr = statistics.stdev(overheads) / len(overheads) ** 0.5 if len(overheads) > 1 else 0.0
     return {
         "engine_only_tokens_per_s": median("engine_only", "tokens_per_s"),
         "gateway_tokens_per_s": median("gateway", "tokens_per_s"),
-        "throughput_overhead": statistics.median(r["overhead"] for r in rounds),
+        "throughput_overhead": statistics.median(overheads),
+        "throughput_overhead_mean": statistics.mean(overheads),
+        "throughput_overhead_stderr": stderr,
+        "throughput_overhead_min": min(overheads),
+        "throughput_overhead_max": max(overheads),
         "delay_p50_ms": median("gateway", "delay_p50_ms"),
         "delay_p90_ms": median("gateway", "delay_p90_ms"),
         "delay_p99_ms": median("gateway", "delay_p99_ms"),
+        "delay_p99_worst_round_ms": max(r["gateway"]["delay_p99_ms"] for r in rounds),
         "gateway_cpu_us_per_token": median("gateway", "gateway_cpu_us_per_token"),
         "client_cpu_us_per_token": median("gateway", "client_cpu_us_per_token"),
     }
@@ -305,12 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  engine only {summary['engine_only_tokens_per_s']:.1f} tok/s, through the gateway "
         f"{summary['gateway_tokens_per_s']:.1f} tok/s: throughput overhead "
-        f"{100 * summary['throughput_overhead']:.1f}%"
+        f"{100 * summary['throughput_overhead']:.1f}% (mean "
+        f"{100 * summary['throughput_overhead_mean']:.1f} +- "
+        f"{100 * summary['throughput_overhead_stderr']:.1f}%, pairs from "
+        f"{100 * summary['throughput_overhead_min']:.1f} to "
+        f"{100 * summary['throughput_overhead_max']:.1f}%)"
     )
     print(
         f"  added per-token delay p50 {summary['delay_p50_ms']:.2f} ms, p90 "
         f"{summary['delay_p90_ms']:.2f} ms, p99 "
-        f"{summary['delay_p99_ms']:.2f} ms; gateway CPU "
+        f"{summary['delay_p99_ms']:.2f} ms (worst round "
+        f"{summary['delay_p99_worst_round_ms']:.2f}); gateway CPU "
         f"{summary['gateway_cpu_us_per_token']:.1f} us/token (client "
         f"{summary['client_cpu_us_per_token']:.1f})"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import Any
 
 import msgspec
 import pytest
@@ -108,3 +109,35 @@ async def test_round_order_alternates_between_repeats(monkeypatch: pytest.Monkey
     rounds = await bench_overhead.measure(args)
     assert order == ["engine", "gateway", "gateway", "engine", "engine", "gateway"]
     assert [r["overhead"] for r in rounds] == [pytest.approx(0.1)] * 3
+
+
+def test_the_summary_reports_the_spread_of_the_round_pairs() -> None:
+    """One pair can read far off on a shared machine: the summary shows how far."""
+    from gateway.bench_overhead import summarise
+
+    def pair(engine: float, gateway: float, p99: float) -> dict[str, Any]:
+        return {
+            "engine_only": {"tokens_per_s": engine},
+            "gateway": {
+                "tokens_per_s": gateway,
+                "delay_p50_ms": 0.5,
+                "delay_p90_ms": 1.0,
+                "delay_p99_ms": p99,
+                "gateway_cpu_us_per_token": 15.0,
+                "client_cpu_us_per_token": 8.0,
+            },
+            "overhead": 1 - gateway / engine,
+        }
+
+    summary = summarise([pair(100, 98, 1.2), pair(100, 110, 1.9), pair(100, 96, 1.4)])
+    assert summary["throughput_overhead"] == pytest.approx(0.02)
+    assert summary["throughput_overhead_mean"] == pytest.approx(-0.04 / 3)
+    # overheads 0.02, -0.10, 0.04: sample standard deviation 0.0757, over sqrt(3)
+    assert summary["throughput_overhead_stderr"] == pytest.approx(0.0437, abs=1e-4)
+    assert (summary["throughput_overhead_min"], summary["throughput_overhead_max"]) == (
+        pytest.approx(-0.10),
+        pytest.approx(0.04),
+    )
+    assert summary["delay_p99_ms"] == 1.4
+    assert summary["delay_p99_worst_round_ms"] == 1.9
+    assert summarise([pair(100, 98, 1.2)])["throughput_overhead_stderr"] == 0.0
