@@ -32,6 +32,7 @@ def measure(repeats: int) -> dict[str, float]:
                 load_profile(model),
                 preset_cluster(cluster, devices),
                 LengthDistribution.from_task(task),
+                model="paper",  # the paper's matrix, as reproduced
             )
             cases += [(sc, bound, policies) for bound in paper_bounds(sc)]
     bnb: list[float] = []

@@ -138,7 +138,8 @@ def run_matrix(
         profile = matrix_profile(model, cluster, profile_set, scale_compute)
         policies = EXEGPT_POLICIES if group == "small/mid" else (Policy.RRA,)
         for task in tasks:
-            sc = build_scenario(profile, cluster, LengthDistribution.from_task(task))
+            dist = LengthDistribution.from_task(task)
+            sc = build_scenario(profile, cluster, dist, model="paper")
             for bound in paper_bounds(sc):
                 baseline = solve_scenario(sc, bound, policies=(Policy.STATIC,), exhaustive=True)
                 plan = solve_scenario(sc, bound, policies=policies)

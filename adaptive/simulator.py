@@ -30,7 +30,9 @@ from adaptive.schedule import Policy, Schedule
 
 FloatArray = npt.NDArray[np.float64]
 BatchRelation = Literal["little", "paper"]
+Execution = Literal["engine", "paper"]  # what build_scenario models, see there
 WAA_BUFFER = 0.05  # latency margin for WAA's dynamic workload adjustment (paper section 6)
+MIN_MEAN_ITERS = 0.05  # decoding iterations per query, at the least, in the rate formulas
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,7 +44,7 @@ class Scenario:
     dist: LengthDistribution
     vector: FloatArray  # [K.S_SIZE] scenario vector, layout in adaptive.kernels
     axes: FloatArray  # [2] log2 of the cost grid's first batch and length
-    out_pmf: FloatArray
+    iters_pmf: FloatArray  # P(a query runs i decoding iterations), i = 0, 1, ...
     batch_relation: BatchRelation = "little"
 
     def tp_index(self, degree: int) -> int:
@@ -80,15 +82,29 @@ def build_scenario(
     dist: LengthDistribution,
     *,
     batch_relation: BatchRelation = "little",
+    model: Execution = "engine",
 ) -> Scenario:
-    """Pack model, cluster and distribution into the kernels' scenario vector."""
+    """Pack model, cluster and distribution into the kernels' scenario vector.
+
+    model "engine": the execution exegpt's engine runs. A query of S output tokens runs
+    S - 1 decoding iterations, its first token sampled from its encoding pass (decoder-only
+    models and T5 alike), and RRA's latency is read at the target length's percentile over
+    queries whose prompts, and so the encoding phases they wait through, vary in length.
+    "paper": the paper's account, S decoding iterations ("S99 x the per-token decode
+    time") and every phase at the mean prompt length, which `plan --reproduce-paper` keeps."""
     if batch_relation not in ("little", "paper"):
         raise PlanningError(f"batch_relation must be 'little' or 'paper', not {batch_relation!r}")
-    lengths = np.arange(dist.output_pmf.size, dtype=np.float64)
-    mean_out = dist.mean_output
-    # A running query of total length S is equally likely at any of its S steps, and
-    # longer queries are running proportionally longer: mean age E[S(S+1)] / (2 E[S]).
-    age = float(np.dot(lengths * (lengths + 1), dist.output_pmf)) / (2.0 * mean_out)
+    if model not in ("engine", "paper"):
+        raise PlanningError(f"model must be 'engine' or 'paper', not {model!r}")
+    shift = 1 if model == "engine" else 0
+    iters_pmf = np.ascontiguousarray(dist.output_pmf[shift:], dtype=np.float64)
+    iters = np.arange(iters_pmf.size, dtype=np.float64)
+    # Every query ending with its encoding leaves no decoding work: rates stay finite.
+    mean_iters = max(float(np.dot(iters, iters_pmf)), MIN_MEAN_ITERS)
+    # A running query of I iterations is equally likely at any of them, and longer queries
+    # are running proportionally longer: mean age E[I(I+1)] / (2 E[I]), plus the tokens
+    # its encoding made.
+    age = float(np.dot(iters * (iters + 1), iters_pmf)) / (2.0 * mean_iters) + shift
     memory = cluster.usable_memory_bytes
     s = np.zeros(K.S_SIZE)
     s[K.S_L_ENC] = profile.encode_layers
@@ -108,15 +124,18 @@ def build_scenario(
     s[K.S_INTER_BW], s[K.S_INTER_LAT] = cluster.inter.bandwidth, cluster.inter.latency
     s[K.S_HOST_BW] = cluster.host.bandwidth
     s[K.S_IN_MEAN] = dist.mean_input
-    s[K.S_OUT_MEAN] = mean_out
-    s[K.S_OUT_TARGET] = dist.target_output_len
-    s[K.S_OUT_MAX] = dist.max_output
+    s[K.S_DEC_MEAN] = mean_iters
+    s[K.S_DEC_TARGET] = dist.target_output_len - shift
+    s[K.S_DEC_MAX] = dist.max_output - shift
     s[K.S_IN_MAX] = dist.max_input
     s[K.S_CTX_MEAN] = dist.mean_input + age
     s[K.S_BUFFER] = WAA_BUFFER
+    if model == "engine":
+        lengths = np.arange(dist.input_pmf.size, dtype=np.float64)
+        spread = float(np.dot((lengths - dist.mean_input) ** 2, dist.input_pmf))
+        s[K.S_IN_SD] = math.sqrt(spread)
     axes = np.array([profile.log2_batch0, profile.log2_len0])
-    out_pmf = np.ascontiguousarray(dist.output_pmf, dtype=np.float64)
-    return Scenario(profile, cluster, dist, s, axes, out_pmf, batch_relation)
+    return Scenario(profile, cluster, dist, s, axes, iters_pmf, batch_relation)
 
 
 def evaluate(
@@ -142,7 +161,7 @@ def evaluate(
             t,
             a,
             s,
-            sc.out_pmf,
+            sc.iters_pmf,
             k1,
             kd,
             degree,
@@ -156,7 +175,7 @@ def evaluate(
         by_memory = policy is Policy.WAA_M
         return K.waa_point(t, a, s, k1, kd, degree, x1, x2, by_memory, encode_workers, cap)
     if policy is Policy.STATIC:
-        return K.static_point(t, a, s, sc.out_pmf, k1, kd, degree, x1)
+        return K.static_point(t, a, s, sc.iters_pmf, k1, kd, degree, x1)
     return K.continuous_point(t, a, s, k1, kd, degree, x1)
 
 
@@ -187,9 +206,10 @@ def simulate(
     *,
     slo_s: float | None = None,
     batch_relation: BatchRelation = "little",
+    model: Execution = "engine",
 ) -> Prediction:
     """Predict one schedule's throughput, latency and feasibility on a cluster."""
-    sc = build_scenario(profile, cluster, dist, batch_relation=batch_relation)
+    sc = build_scenario(profile, cluster, dist, batch_relation=batch_relation, model=model)
     return simulate_in(sc, schedule, slo_s=slo_s)
 
 
@@ -234,11 +254,13 @@ def simulate_discrete(
     *,
     num_queries: int = 20000,
     seed: int | np.random.Generator = 0,
+    model: Execution = "engine",
 ) -> DiscreteResult:
     """Run RRA or CONTINUOUS query by query, lengths drawn from `dist` (for checking)."""
-    sc = build_scenario(profile, cluster, dist)
+    sc = build_scenario(profile, cluster, dist, model=model)
     rng = np.random.default_rng(seed)
     ins, outs = dist.sample(num_queries, rng)
+    iters = outs - 1 if model == "engine" else outs
     k1 = sc.tp_index(1) if 1 in profile.tps else 0
     kd = sc.tp_index(schedule.tp_degree)
     d = schedule.tp_degree
@@ -257,12 +279,12 @@ def simulate_discrete(
             schedule.decode_iters,
             schedule.max_batch,
             ins,
-            outs,
+            iters,
             warmup,
         )
     elif schedule.policy is Policy.CONTINUOUS:
         row = K.continuous_des(
-            t, a, s, k1, kd, d, schedule.max_batch, ins, outs, 2 * dist.max_output
+            t, a, s, k1, kd, d, schedule.max_batch, ins, iters, 2 * dist.max_output
         )
     else:
         raise PlanningError(f"no discrete-event model for {schedule.policy.value}")

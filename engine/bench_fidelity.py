@@ -97,6 +97,14 @@ def machine_profile(
     return profile_model(loaded, replace(base, max_len=max_len, max_batch=batches))
 
 
+MEASURED_KEYS = (  # a row's measured side beside the steady state, kept for --replay
+    "whole_run_req_s",
+    "whole_run_p99_latency_s",
+    "encode_step_ratio",
+    "decode_step_ratio",
+)
+
+
 def relative_error(predicted: float, measured: float) -> float:
     return (predicted - measured) / measured
 
@@ -134,20 +142,46 @@ def compare_run(
     profile: Profile, cluster: Cluster, dist: LengthDistribution, run: RunResult, source: str
 ) -> dict[str, Any]:
     """One schedule's prediction beside its measurement."""
-    workers = cluster.num_devices
-    schedule: Schedule = replace(schedule_for(run.policy, run.knobs, workers), num_workers=workers)
-    predicted = simulate(profile, cluster, dist, schedule)
-    measured_req_s, measured_p99 = run.steady_state()
+    schedule = run_schedule(run.policy, run.knobs, cluster)
     target = ServingTarget(profile, schedule.max_batch, Policy.RRA)
-    ratios = step_time_ratios(target, run)
+    measured = {
+        "whole_run_req_s": run.throughput_req_s,
+        "whole_run_p99_latency_s": run.latency_percentile_s(99),
+        **step_time_ratios(target, run),
+    }
+    steady = run.steady_state()
+    return predict_row(profile, cluster, dist, run.policy, run.knobs, source, steady, measured)
+
+
+def run_schedule(policy: str, knobs: dict[str, int], cluster: Cluster) -> Schedule:
+    workers = cluster.num_devices
+    return replace(schedule_for(policy, knobs, workers), num_workers=workers)
+
+
+def predict_row(
+    profile: Profile,
+    cluster: Cluster,
+    dist: LengthDistribution,
+    policy: str,
+    knobs: dict[str, int],
+    source: str,
+    steady: tuple[float, float],
+    measured: dict[str, Any],
+) -> dict[str, Any]:
+    """The simulator's prediction for a measured run (its steady-state req/s and p99, its
+    step-time ratios in `measured`), raw and refit to the run's own step times."""
+    schedule = run_schedule(policy, knobs, cluster)
+    predicted = simulate(profile, cluster, dist, schedule)
+    measured_req_s, measured_p99 = steady
+    target = ServingTarget(profile, schedule.max_batch, Policy.RRA)
     # the profile refit to the run's own step times, as the controller refits it online:
     # what is left of the error lies in the schedule model, not in the layer times
-    scales = (ratios["encode_step_ratio"] or 1.0, ratios["decode_step_ratio"] or 1.0)
+    scales = (measured["encode_step_ratio"] or 1.0, measured["decode_step_ratio"] or 1.0)
     refit = simulate(target.scaled(*scales), cluster, dist, schedule)
     return {
         "schedule": schedule.describe(),
-        "policy": run.policy,
-        "knobs": dict(run.knobs),
+        "policy": policy,
+        "knobs": dict(knobs),
         "source": source,
         "predicted_req_s": predicted.throughput_req_s,
         "measured_req_s": measured_req_s,
@@ -159,10 +193,33 @@ def compare_run(
         "refit_throughput_error": relative_error(refit.throughput_req_s, measured_req_s),
         "refit_p99_latency_s": refit.latency_s,
         "refit_latency_error": relative_error(refit.latency_s, measured_p99),
-        "whole_run_req_s": run.throughput_req_s,
-        "whole_run_p99_latency_s": run.latency_percentile_s(99),
-        **ratios,
+        **measured,
     }
+
+
+def replay(report: dict[str, Any]) -> dict[str, Any]:
+    """A saved report's rows predicted again by this simulator, from the profile the report
+    was measured against: a change to the model is judged on the same measurements, free of
+    the machine's drift between runs."""
+    if "profile" not in report:
+        raise ValueError("this report has no profile (written before --replay existed)")
+    profile = parse_profile(report["profile"], source=str(report["profile"].get("model")))
+    cluster = machine_cluster(profile, report["num_workers"])
+    queries = task_queries(report["task"], report["num_queries"], report["seed"], report["scale"])
+    dist = queries_distribution(queries, report["task"])
+    rows = []
+    for row in report["rows"]:
+        steady = (row["measured_req_s"], row["measured_p99_latency_s"])
+        measured = {key: row[key] for key in MEASURED_KEYS}
+        policy, knobs, source = row["policy"], row["knobs"], row["source"]
+        rows.append(predict_row(profile, cluster, dist, policy, knobs, source, steady, measured))
+    return report | {"rows": rows, "summary": error_summary(rows)}
+
+
+def queries_distribution(queries: Sequence[Query], task: str) -> LengthDistribution:
+    return LengthDistribution.from_samples(
+        [q.prompt_len for q in queries], [q.output_len for q in queries], name=task
+    )
 
 
 ERRORS = {  # a row's error keys, and their labels in the printed summary
@@ -203,9 +260,7 @@ def measure_fidelity(
     profile = parse_profile(raw_profile, source=str(raw_profile.get("model")))
     cluster = machine_cluster(profile, num_workers)
     policies = ENGINE_POLICIES if num_workers == 1 else ("rra", "waa_c")
-    dist = LengthDistribution.from_samples(
-        [q.prompt_len for q in queries], [q.output_len for q in queries], name=task
-    )
+    dist = queries_distribution(queries, task)
     # the simulator models the paper's strict alternation of encoding and decoding, so the
     # engine runs that form here (serving carries decoding through encoding phases)
     runs = sweep(
@@ -230,6 +285,7 @@ def measure_fidelity(
         "num_queries": len(queries),
         "profile_device": raw_profile.get("device"),
         "profile_num_threads": raw_profile.get("num_threads"),
+        "profile": raw_profile,  # what the predictions used: `--replay` predicts again
         "num_workers": num_workers,
         "bounds_s": {b.label: b.latency_s for b in bounds},
         "rows": rows,
@@ -286,10 +342,22 @@ def add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=1, help="model workers; from 2: RRA pipelined and WAA"
     )
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        default=None,
+        help="a report written by --json: predict its measured runs again with this "
+        "simulator and the report's profile (nothing is run)",
+    )
     parser.set_defaults(run=run_fidelity)
 
 
 def run_fidelity(args: argparse.Namespace) -> int:
+    if args.replay is not None:
+        report = replay(json.loads(args.replay.read_text()))
+        print_fidelity(report)
+        write_report(report, args.json)
+        return 0
     if args.workers < 1:
         raise ValueError("--workers must be >= 1")
     queries = task_queries(args.task, args.num_queries, args.seed, args.scale)
@@ -307,11 +375,15 @@ def run_fidelity(args: argparse.Namespace) -> int:
     )  # fmt: skip
     report |= {"dtype": args.dtype, "seed": args.seed, "scale": args.scale, "quick": args.quick}
     print_fidelity(report)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    write_report(report, args.json)
     return 0
+
+
+def write_report(report: dict[str, Any], path: Path | None) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {path}")
 
 
 def _ratio(value: float | None) -> str:

@@ -17,13 +17,13 @@ from adaptive.kernels.cost import (
     DECODE,
     ENCODE,
     S_CTX_MEAN,
+    S_DEC_MAX,
+    S_DEC_MEAN,
+    S_DEC_TARGET,
     S_IN_MAX,
     S_IN_MEAN,
     S_KV_TOKEN,
     S_N,
-    S_OUT_MAX,
-    S_OUT_MEAN,
-    S_OUT_TARGET,
     Arr,
     Point,
     jit,
@@ -34,24 +34,27 @@ from adaptive.kernels.cost import (
     weight_bytes,
 )
 
+POISSON_SUM_MAX = 400.0  # continuous_point: expected joins past which the mean stands in
+
 
 @jit
-def expected_batch_max(out_pmf: Arr, b: int) -> float:
-    """E[max of b output lengths]: how long a batch without early termination decodes."""
+def expected_batch_max(iters_pmf: Arr, b: int) -> float:
+    """E[max of b queries' decoding iterations]: how long a batch without early termination
+    decodes."""
     total = 0.0
-    cdf = 0.0
-    below = 0.0  # P(one length < s) ** b
-    for length in range(1, out_pmf.size):
-        cdf += out_pmf[length]
+    cdf = iters_pmf[0]  # queries that end with their encoding
+    below = cdf**b  # P(one query runs < i iterations) ** b
+    for iters in range(1, iters_pmf.size):
+        cdf += iters_pmf[iters]
         upto = min(cdf, 1.0) ** b
-        total += length * (upto - below)
+        total += iters * (upto - below)
         below = upto
     return total
 
 
 @jit
 def static_point(
-    tables: Arr, axes: Arr, s: Arr, out_pmf: Arr, k1: int, kd: int, d: int, b: int
+    tables: Arr, axes: Arr, s: Arr, iters_pmf: Arr, k1: int, kd: int, d: int, b: int
 ) -> Point:
     """FasterTransformer: a fixed batch of b, no early termination, TP in a node, PP across.
 
@@ -62,32 +65,41 @@ def static_point(
     n = int(s[S_N])
     lay = split_devices(k1, kd, d, n, n)
     t_enc = pass_time(tables, axes, s, ENCODE, lay, b, s[S_IN_MEAN])
-    steps = expected_batch_max(out_pmf, b)
+    steps = expected_batch_max(iters_pmf, b)
     # Attention cost is linear in context: the mean context over a run of `steps` tokens.
-    ctx_max = s[S_IN_MEAN] + s[S_OUT_MAX] / 2.0
+    ctx_max = s[S_IN_MEAN] + s[S_DEC_MAX] / 2.0
     ctx_run = s[S_IN_MEAN] + steps / 2.0
     dec_max = pass_time(tables, axes, s, DECODE, lay, b, ctx_max)
     dec_run = pass_time(tables, axes, s, DECODE, lay, b, ctx_run)
     # Micro-batched across nodes, FT meets the same encode -> decode switch as RRA.
     t_enc += phase_bubble(n_stages(lay), t_enc, dec_run)
-    latency = t_enc + s[S_OUT_MAX] * dec_max
-    kv = s[S_KV_TOKEN] * b * (s[S_IN_MAX] + s[S_OUT_MAX])  # slots preallocated at max length
+    latency = t_enc + s[S_DEC_MAX] * dec_max
+    kv = s[S_KV_TOKEN] * b * (s[S_IN_MAX] + s[S_DEC_MAX])  # slots preallocated at max length
     return b / (t_enc + steps * dec_run), latency, b, (weight_bytes(s) + kv) / n, 0.0
 
 
 @jit
 def continuous_point(tables: Arr, axes: Arr, s: Arr, k1: int, kd: int, d: int, b: int) -> Point:
-    """ORCA/vLLM-like: b running queries; each iteration prefills the b / S_D that joined."""
+    """ORCA/vLLM-like: b running queries; each iteration prefills the b / I_D that joined
+    (I_D: mean decoding iterations). A query's latency is the prefill it joins in, then its
+    target's decoding iterations."""
     n = int(s[S_N])
     lay = split_devices(k1, kd, d, n, n)
-    joined = b / s[S_OUT_MEAN]
+    joined = b / s[S_DEC_MEAN]
     t_dec = pass_time(tables, axes, s, DECODE, lay, b, s[S_CTX_MEAN])
-    # Joins per iteration are ~Poisson(joined); prefill costs E[t(X); X > 0].
-    t_enc = 0.0
-    pmf = math.exp(-joined)
-    for x in range(1, int(joined + 6.0 * math.sqrt(joined) + 10.0)):
-        pmf *= joined / x
-        t_enc += pmf * pass_time(tables, axes, s, ENCODE, lay, x, s[S_IN_MEAN])
+    # Joins per iteration are ~Poisson(joined); prefill costs E[t(X); X > 0]. Past
+    # POISSON_SUM_MAX joins the count is within a few percent of its mean.
+    if joined > POISSON_SUM_MAX:
+        t_enc = pass_time(tables, axes, s, ENCODE, lay, joined, s[S_IN_MEAN])
+        t_own = t_enc
+    else:
+        t_enc = 0.0
+        pmf = math.exp(-joined)
+        for x in range(1, int(joined + 6.0 * math.sqrt(joined) + 10.0)):
+            pmf *= joined / x
+            t_enc += pmf * pass_time(tables, axes, s, ENCODE, lay, x, s[S_IN_MEAN])
+        t_own = t_enc / (1.0 - math.exp(-joined))  # E[t(X) | X > 0]: the query is in X
     iteration = t_dec + t_enc
+    latency = t_own + s[S_DEC_TARGET] * iteration
     kv = s[S_KV_TOKEN] * b * s[S_CTX_MEAN]  # paged: only live tokens
-    return joined / iteration, s[S_OUT_TARGET] * iteration, b, (weight_bytes(s) + kv) / n, 0.0
+    return joined / iteration, latency, b, (weight_bytes(s) + kv) / n, 0.0

@@ -67,13 +67,19 @@ S_INTER_BW = 14
 S_INTER_LAT = 15
 S_HOST_BW = 16  # WAA KV hand-over path, device -> host -> device
 S_IN_MEAN = 17
-S_OUT_MEAN = 18
-S_OUT_TARGET = 19  # output length the latency bound is stated for (p99)
-S_OUT_MAX = 20
+# A query's decoding iterations: its output length less the tokens its encoding makes
+# (exegpt's engine samples the first token from the encoding pass; the paper's model counts
+# every output token as a decoding iteration). A query of 0 iterations ends with its encoding.
+S_DEC_MEAN = 18
+S_DEC_TARGET = 19  # iterations of the output length the latency bound is stated for (p99)
+S_DEC_MAX = 20
 S_IN_MAX = 21
 S_CTX_MEAN = 22  # mean context of a running decode query (length-biased)
 S_BUFFER = 23  # WAA's buffer for dynamic workload adjustment, fraction of latency
-S_SIZE = 24
+# Standard deviation of prompt lengths, for RRA's latency percentile over queries (0: the
+# paper's latency, every encoding phase at the mean prompt length).
+S_IN_SD = 24
+S_SIZE = 25
 
 INFEASIBLE = (0.0, math.inf, 0.0, math.inf, 0.0)
 
@@ -195,3 +201,8 @@ def phase_bubble(p: int, t_enc: float, t_dec: float) -> float:
     The paper's "small amount of bubbles between encoding and decoding phases" (4.1).
     """
     return (p - 1) * max(t_enc - t_dec, 0.0) / p
+
+
+@jit
+def normal_cdf(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))

@@ -34,15 +34,25 @@ def retire(
     live: IArr, n_live: int, remaining: IArr, context: Arr, latency: Arr, start: Arr, clock: float
 ) -> int:
     """Advance every running query one token; drop the finished ones, recording latency.
-
-    A finished query's slot takes the last running one, so live[:n_live] stays packed. Returns
-    the number still running.
-    """
-    a = 0
-    while a < n_live:
+    Returns the number still running."""
+    for a in range(n_live):
         q = live[a]
         remaining[q] -= 1
         context[q] += 1.0
+    return drop_finished(live, 0, n_live, remaining, latency, start, clock)
+
+
+@jit
+def drop_finished(
+    live: IArr, first: int, n_live: int, remaining: IArr, latency: Arr, start: Arr, clock: float
+) -> int:
+    """Drop the queries of live[first:n_live] with nothing left to decode, recording their
+    latency at `clock` (just encoded ones that need no decoding iteration leave with their
+    encoding). A dropped query's slot takes the last running one, so live[:n_live] stays
+    packed. Returns the number still running."""
+    a = first
+    while a < n_live:
+        q = live[a]
         if remaining[q] == 0:
             latency[q] = clock - start[q]
             n_live -= 1
@@ -77,7 +87,8 @@ def rra_des(
     out_lens: IArr,
     warmup: int,
 ) -> Arr:
-    """Discrete-event RRA: queries join B_E per cycle and leave the iteration they finish;
+    """Discrete-event RRA: queries join B_E per cycle and leave the iteration they finish
+    (`out_lens` are decoding iterations; a query of none leaves with its encoding);
     with a cap on the running batch (0: none) a cycle admits only up to the cap.
 
     Returns [queries/s, mean decode batch at a cycle's first iteration, p99 latency,
@@ -99,6 +110,7 @@ def rra_des(
             t0, done0 = clock, n_done
         in_sum = 0.0
         admit = b_e if cap <= 0 else max(min(b_e, cap - n_live), 0)
+        first = n_live
         for _ in range(admit):
             live[n_live] = nxt
             start[nxt] = clock
@@ -107,6 +119,9 @@ def rra_des(
             nxt += 1
         t_enc = pass_time(tables, axes, s, ENCODE, lay, admit, in_sum / admit) if admit else 0.0
         clock += t_enc
+        left = drop_finished(live, first, n_live, remaining, latency, start, clock)
+        n_done += n_live - left
+        n_live = left
         if cycle >= warmup:
             batch_sum += n_live
         for it in range(n_d):
@@ -138,6 +153,7 @@ def continuous_des(
     warmup: int,
 ) -> Arr:
     """Discrete-event iteration-level batching: a query joins as soon as a slot frees.
+    `out_lens` are decoding iterations; a query of none leaves with its encoding.
 
     Returns [queries/s, mean running batch, p99 latency, measured iterations].
     """
@@ -155,6 +171,7 @@ def continuous_des(
         if it == warmup:
             t0, done0 = clock, n_done
         joined, in_sum = 0, 0.0
+        first = n_live
         while n_live < b and nxt < n_q:
             live[n_live] = nxt
             start[nxt] = clock
@@ -164,6 +181,12 @@ def continuous_des(
             joined += 1
         if joined > 0:
             clock += pass_time(tables, axes, s, ENCODE, lay, joined, in_sum / joined)
+            left = drop_finished(live, first, n_live, remaining, latency, start, clock)
+            n_done += n_live - left
+            n_live = left
+        if n_live == 0:
+            it += 1
+            continue
         ctx = mean_context(context, live, n_live)
         clock += pass_time(tables, axes, s, DECODE, lay, n_live, ctx)
         if it >= warmup:

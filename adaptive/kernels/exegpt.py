@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from adaptive.kernels.cost import (
@@ -10,21 +12,24 @@ from adaptive.kernels.cost import (
     INFEASIBLE,
     S_BUFFER,
     S_CTX_MEAN,
+    S_DEC_MEAN,
+    S_DEC_TARGET,
     S_HOST_BW,
     S_IN_MEAN,
+    S_IN_SD,
     S_KV_TOKEN,
     S_L_DEC,
     S_L_ENC,
     S_N,
-    S_OUT_MEAN,
-    S_OUT_TARGET,
     S_W_DEC,
     S_W_ENC,
     Arr,
+    Layout,
     Point,
     jit,
     layer_time,
     n_stages,
+    normal_cdf,
     pass_time,
     phase_bubble,
     split_devices,
@@ -32,13 +37,95 @@ from adaptive.kernels.cost import (
     weight_bytes,
 )
 
+ALIVE_MIN = 1e-9  # expected running rows below which a cycle decodes no further
+QUANTILE_MAX = 0.999  # the highest latency percentile a target length is taken for
+BISECTIONS = 32  # halvings of the latency interval searched for the percentile
+TAIL_SDS = 8.0  # past this many standard deviations a normal's cdf is taken as 0 or 1
+
+
+@jit
+def finish_time(iters: int, t_enc: float, bubble: float, cycle: float, cum: Arr) -> float:
+    """When an RRA query of `iters` decoding iterations leaves, from its encoding phase's
+    start: its c = ceil(iters / N_D) cycles, the last one cut after its own iteration
+    (cum[u]: a cycle's first u iterations); with none, its encoding alone."""
+    if iters <= 0:
+        return t_enc
+    n_d = cum.size - 1
+    c = (iters + n_d - 1) // n_d
+    return t_enc + bubble + (c - 1) * cycle + float(cum[iters - (c - 1) * n_d])
+
+
+@jit
+def rra_quantile(
+    tables: Arr,
+    axes: Arr,
+    s: Arr,
+    lay: Layout,
+    iters_pmf: Arr,
+    admitted: float,
+    t_enc: float,
+    bubble: float,
+    cycle: float,
+    cum: Arr,
+) -> float:
+    """RRA's latency at the target length's percentile over all queries.
+
+    A query of I iterations finishes at L(I) (`finish_time`), priced at the mean prompt
+    length. It meets max(c, 1) encoding phases, its own and the ones
+    between its cycles; each phase's prompts are a sample of the prompt lengths, so its
+    time varies with their mean, whose sd is sd / sqrt(B_E): half the phase's time from
+    one such sd below the mean to one above is its sd. Over queries the latency is the
+    mixture sum_I P(I) N(L(I), max(c, 1) * var_phase), and the bound is read at the
+    percentile of the target length, P(I < target) + P(I = target) / 2: with equal
+    prompts, L(target).
+    """
+    n_d = cum.size - 1
+    mean_in = s[S_IN_MEAN]
+    # a phase's mean prompt length varies by sd / sqrt(B_E): its time, one sd either side
+    h = min(s[S_IN_SD] / math.sqrt(max(admitted, 1.0)), 0.9 * mean_in)
+    spread = pass_time(tables, axes, s, ENCODE, lay, admitted, mean_in + h) - pass_time(
+        tables, axes, s, ENCODE, lay, admitted, mean_in - h
+    )
+    var_phase = (0.5 * spread) ** 2
+    size = iters_pmf.size
+    lat = np.empty(size)
+    sd = np.empty(size)
+    q = 0.0
+    target = int(s[S_DEC_TARGET])
+    for i in range(size):
+        lat[i] = finish_time(i, t_enc, bubble, cycle, cum)
+        sd[i] = math.sqrt(max((i + n_d - 1) // n_d, 1) * var_phase)
+        if i < target:
+            q += iters_pmf[i]
+        elif i == target:
+            q += 0.5 * iters_pmf[i]  # mid-distribution: a sampled p99 is often the longest
+    q = min(q, QUANTILE_MAX)
+    lo: float = lat[0] - TAIL_SDS * sd[0]
+    hi: float = lat[size - 1] + TAIL_SDS * sd[size - 1]
+    for _ in range(BISECTIONS):
+        x = 0.5 * (lo + hi)
+        below = 0.0
+        for i in range(size):
+            w = iters_pmf[i]
+            if w > 0.0:
+                gap = x - lat[i]
+                if gap >= TAIL_SDS * sd[i]:  # (sd 0: a step at lat[i])
+                    below += w
+                elif gap > -TAIL_SDS * sd[i]:
+                    below += w * normal_cdf(gap / sd[i])
+        if below < q:
+            lo = x
+        else:
+            hi = x
+    return 0.5 * (lo + hi)
+
 
 @jit
 def rra_point(
     tables: Arr,
     axes: Arr,
     s: Arr,
-    out_pmf: Arr,
+    iters_pmf: Arr,
     k1: int,
     kd: int,
     d: int,
@@ -50,9 +137,10 @@ def rra_point(
 ) -> Point:
     """RRA: (queries/s, latency of the target-length query, B_D, bytes/device, 0).
 
-    Each cycle encodes B_E queries then runs N_D decode iterations. A query of output
-    length S spends c = ceil(S / N_D) cycles and leaves at iteration 1 + (S-1) mod N_D of
-    its last. Little's law: B_D = B_E * E[c]. The paper: B_D = B_E / E[1/c] (smaller).
+    Each cycle encodes B_E queries then runs N_D decode iterations. A query of I decoding
+    iterations spends c = ceil(I / N_D) cycles and leaves at iteration 1 + (I-1) mod N_D of
+    its last; with I = 0 it leaves with its encoding and holds no row. Little's law:
+    B_D = B_E * E[c]. The paper: B_D = B_E / E[1/c] (smaller).
     A running batch capped at `cap` rows (0: none) admits only what leaves: when B_D
     would pass the cap, each cycle encodes B_E * cap / B_D queries and B_D = cap.
     """
@@ -62,11 +150,11 @@ def rra_point(
     done_paper = np.zeros(n_d + 1)
     e_cycles = 0.0
     e_inv = 0.0
-    for length in range(1, out_pmf.size):
-        w = out_pmf[length]
+    for iters in range(1, iters_pmf.size):
+        w = iters_pmf[iters]
         if w > 0.0:
-            c = (length + n_d - 1) // n_d
-            u = 1 + (length - 1) % n_d
+            c = (iters + n_d - 1) // n_d
+            u = 1 + (iters - 1) % n_d
             done[u] += w
             done_paper[u] += w / c
             e_cycles += w * c
@@ -76,24 +164,25 @@ def rra_point(
     if 0 < cap < b_d:
         admitted *= cap / b_d
         b_d = float(cap)
-    target = int(s[S_OUT_TARGET])
-    k = (target + n_d - 1) // n_d
-    r = target - (k - 1) * n_d
     t_enc = pass_time(tables, axes, s, ENCODE, lay, admitted, s[S_IN_MEAN])
     cycle = t_enc
-    partial = 0.0
+    cum = np.zeros(n_d + 1)  # cum[u]: a cycle's first u decoding iterations
     alive = b_d
     bubble = 0.0
     for u in range(1, n_d + 1):
-        t_u = pass_time(tables, axes, s, DECODE, lay, max(alive, 1.0), s[S_CTX_MEAN])
+        t_u = 0.0
+        if alive > ALIVE_MIN:  # else every query has left: the next cycle starts
+            t_u = pass_time(tables, axes, s, DECODE, lay, max(alive, 1.0), s[S_CTX_MEAN])
         if u == 1:
-            bubble = phase_bubble(n_stages(lay), t_enc, t_u)
+            bubble = phase_bubble(n_stages(lay), t_enc, t_u) if t_u > 0.0 else 0.0
         cycle += t_u
-        if u <= r:
-            partial += t_u
+        cum[u] = cum[u - 1] + t_u
         alive -= b_d * done_paper[u] if paper else admitted * done[u]
     cycle += bubble
-    latency = t_enc + bubble + (k - 1) * cycle + partial
+    if s[S_IN_SD] > 0.0:
+        latency = rra_quantile(tables, axes, s, lay, iters_pmf, admitted, t_enc, bubble, cycle, cum)
+    else:
+        latency = finish_time(int(s[S_DEC_TARGET]), t_enc, bubble, cycle, cum)
     kv = s[S_KV_TOKEN] * (b_d * s[S_CTX_MEAN] + admitted * s[S_IN_MEAN])
     return admitted / cycle, latency, b_d, (weight_bytes(s) + kv) / n, 0.0
 
@@ -126,7 +215,7 @@ def waa_point(
     n = int(s[S_N])
     if n < 2 * d:
         return INFEASIBLE
-    b_d = b_e * s[S_OUT_MEAN]
+    b_d = b_e * s[S_DEC_MEAN]
     if by_memory:
         side_e = s[S_W_ENC] + s[S_KV_TOKEN] * b_e * s[S_IN_MEAN]
         side_d = s[S_W_DEC] + s[S_KV_TOKEN] * b_d * s[S_CTX_MEAN]
@@ -152,7 +241,7 @@ def waa_point(
     period = max(m_eff * stage_d, stage_e)
     per_token = groups * period
     handover = 2.0 * admitted * s[S_IN_MEAN] * s[S_KV_TOKEN] / s[S_HOST_BW]
-    latency = (p_e * stage_e + handover + per_token * (s[S_OUT_TARGET] + 1)) * (1 + s[S_BUFFER])
+    latency = (p_e * stage_e + handover + per_token * (s[S_DEC_TARGET] + 1)) * (1 + s[S_BUFFER])
     mem_e = (s[S_W_ENC] + s[S_KV_TOKEN] * admitted * s[S_IN_MEAN] * p_e) / n_e
     mem_d = (s[S_W_DEC] + s[S_KV_TOKEN] * groups * b_d * s[S_CTX_MEAN]) / n_dd
     return admitted / period, latency, groups * b_d, max(mem_e, mem_d), float(n_e)

@@ -3,11 +3,12 @@
 Tiny profile grid and workload: behaviour only, never how close the predictions are.
 """
 
+import json
 from typing import Any
 
 import pytest
 
-from engine.bench_fidelity import error_summary, measure_fidelity
+from engine.bench_fidelity import error_summary, measure_fidelity, replay
 from engine.bench_offline import BOUND_BATCHES, KnobGrid
 from engine.profiler import ProfileOptions, profile_model
 from engine.workloads import make_prompts, task_queries
@@ -117,3 +118,32 @@ def test_on_two_workers_rra_and_waa_are_priced_on_two_devices(load_cached) -> No
     ]  # fmt: skip
     for row in report["rows"]:
         assert row["predicted_req_s"] > 0 and row["measured_req_s"] > 0
+
+
+def test_a_replay_predicts_the_measured_runs_again_from_the_report_s_profile(
+    report: dict[str, Any],
+) -> None:
+    """--replay judges a changed simulator on the same measurements: the same model gives
+    the same rows back, and a profile twice as slow predicts each run about half as fast
+    while the measured side stays as it was."""
+    saved = json.loads(json.dumps(report | {"seed": 1, "scale": 0.05}))  # as --json writes it
+    again = replay(saved)
+    assert [r["schedule"] for r in again["rows"]] == [r["schedule"] for r in report["rows"]]
+    for before, after in zip(report["rows"], again["rows"], strict=True):
+        assert after["predicted_req_s"] == pytest.approx(before["predicted_req_s"])
+        assert after["refit_p99_latency_s"] == pytest.approx(before["refit_p99_latency_s"])
+        assert after["measured_req_s"] == before["measured_req_s"]
+        assert after["encode_step_ratio"] == before["encode_step_ratio"]
+
+    for side in ("encode", "decode"):
+        for point in saved["profile"]["tp"][0][side]:
+            point[2] *= 2  # [batch, length, ms per layer]
+    for kind in saved["profile"]["head_ms"].values():
+        for point in kind:
+            point[2] *= 2
+    slower = replay(saved)
+    for before, after in zip(report["rows"], slower["rows"], strict=True):
+        assert after["predicted_req_s"] == pytest.approx(before["predicted_req_s"] / 2, rel=0.05)
+        assert after["measured_p99_latency_s"] == before["measured_p99_latency_s"]
+    with pytest.raises(ValueError, match="no profile"):
+        replay({k: v for k, v in saved.items() if k != "profile"})
