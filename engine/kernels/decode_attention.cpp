@@ -9,7 +9,9 @@
 // The work is split over (row, kv head) pairs with at::parallel_for, torch's own thread
 // pool. A pair reads its keys and values once for the whole GQA group of query heads and
 // stops at the row's context: nothing past it is read. Scores, softmax and the weighted sum
-// are float32; the output is rounded to bf16 once.
+// are float32; the output is rounded to bf16 once. Where the compiler targets AVX512-BF16,
+// the scores are bf16 dot products (exact products, float32 sums), 16 keys at a time, their
+// lane sums taken by one transposing add tree rather than one reduction per key.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,9 +25,110 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include "avx512_bf16.h"
+#define EXEGPT_BF16_DOT 1
+#endif
+
 namespace {
 
 constexpr int kMaxGroup = 16;  // query heads per KV head
+constexpr int kKeys = 16;      // keys scored at a time by the bf16 path: one float32 vector
+constexpr int kAhead = 32;     // keys ahead of the block being scored that are prefetched
+
+#ifdef EXEGPT_BF16_DOT
+using namespace exegpt_bf16;
+
+// The lane sums of 16 vectors, as one vector: element i is the sum of v[i]'s 16 lanes.
+// Pairs of vectors add their lanes' halves (unpack lo + hi), pairs of those their quarters
+// (64-bit unpacks), and the 128-bit lanes of the four results are transposed and added.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 x[8];
+  for (int i = 0; i < 8; ++i)
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  __m512 y[4];  // y[i]'s 128-bit lane L: vectors 4i..4i+3 summed over lane L's elements
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
+    y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x44),
+                                   _mm512_shuffle_f32x4(y[0], y[1], 0xEE));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x44),
+                                   _mm512_shuffle_f32x4(y[2], y[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88),
+                       _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+// scores[j * len + t] = scale * q_j . k_t for the group's g heads; HD a multiple of 32.
+// The keys two blocks ahead, and the values at the same positions (read by the weighted sum
+// after the softmax), are fetched into the cache meanwhile.
+template <int HD>
+void score_keys(const c10::BFloat16* q, const uint16_t* k, const uint16_t* v, int64_t t_stride,
+                int64_t len, int g, float scale, float* scores) {
+  constexpr int C = HD / 32;  // vectors of 32 bf16 per head
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < len; t0 += kKeys) {
+    const int m = static_cast<int>(std::min<int64_t>(kKeys, len - t0));
+    for (int64_t t = t0 + kAhead; t < std::min<int64_t>(t0 + kAhead + kKeys, len); ++t)
+      for (int c = 0; c < C; ++c) {
+        _mm_prefetch(reinterpret_cast<const char*>(k + t * t_stride + 32 * c), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(v + t * t_stride + 32 * c), _MM_HINT_T1);
+      }
+    for (int j = 0; j < g; ++j) {
+      const auto* qj = reinterpret_cast<const uint16_t*>(q) + j * HD;
+      __m512i qv[C];
+      for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_si512(qj + 32 * c);
+      __m512 acc[kKeys];
+      for (int i = 0; i < kKeys; ++i) {
+        acc[i] = _mm512_setzero_ps();
+        if (i < m) {
+          const uint16_t* kr = k + (t0 + i) * t_stride;
+          for (int c = 0; c < C; ++c) acc[i] = dot(acc[i], qv[c], _mm512_loadu_si512(kr + 32 * c));
+        }
+      }
+      const __m512 s = _mm512_mul_ps(sum_lanes16(acc), vscale);
+      _mm512_mask_storeu_ps(scores + j * len + t0, static_cast<__mmask16>((1u << m) - 1), s);
+    }
+  }
+}
+
+// The two weights as one 32-bit lane of bf16s, rounded to nearest even: the first in the
+// low half, so it meets the first of two interleaved values in a dot product.
+inline int32_t bf16_pair(float first, float second) {
+  const uint16_t lo = c10::BFloat16(first).x, hi = c10::BFloat16(second).x;
+  return static_cast<int32_t>(static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16);
+}
+
+// acc[j * HD + d] += sum_t p[j * len + t] * v_t[d], keys in pairs: each pair's values
+// interleaved once for the whole group, and each head's two weights (rounded to bf16, as
+// torch's flash attention rounds them) dotted with them, float32 sums.
+template <int HD>
+void weigh_values(const float* p, const uint16_t* v, int64_t t_stride, int64_t len, int g,
+                  float* acc) {
+  constexpr int C = HD / 32;
+  static const __m512i lo = interleave_index(0, 32), hi = interleave_index(16, 32);
+  for (int64_t t = 0; t < len; t += 2) {
+    const bool pair = t + 1 < len;
+    __m512i vv[2 * C];
+    for (int c = 0; c < C; ++c) {
+      const __m512i a = _mm512_loadu_si512(v + t * t_stride + 32 * c);
+      const __m512i b =
+          pair ? _mm512_loadu_si512(v + (t + 1) * t_stride + 32 * c) : _mm512_setzero_si512();
+      vv[2 * c] = _mm512_permutex2var_epi16(a, lo, b);
+      vv[2 * c + 1] = _mm512_permutex2var_epi16(a, hi, b);
+    }
+    for (int j = 0; j < g; ++j) {
+      const float* pj = p + j * len;
+      const __m512i w = _mm512_set1_epi32(bf16_pair(pj[t], pair ? pj[t + 1] : 0.f));
+      float* aj = acc + j * HD;
+      for (int c = 0; c < 2 * C; ++c)
+        _mm512_storeu_ps(aj + 16 * c, dot(_mm512_loadu_ps(aj + 16 * c), w, vv[c]));
+    }
+  }
+}
+#endif
 
 inline float bf16_to_float(uint16_t x) {
   uint32_t bits = static_cast<uint32_t>(x) << 16;
@@ -38,18 +141,25 @@ template <int HD>
 void attend_group(const c10::BFloat16* q, const uint16_t* k, const uint16_t* v,
                   int64_t t_stride, int64_t len, int g, float scale, c10::BFloat16* out,
                   std::vector<float>& scores) {
-  float qs[kMaxGroup][HD];
-  for (int j = 0; j < g; ++j)
-    for (int d = 0; d < HD; ++d) qs[j][d] = static_cast<float>(q[j * HD + d]) * scale;
   scores.resize(static_cast<size_t>(g) * len);
   float row[HD];
-  for (int64_t t = 0; t < len; ++t) {
-    const uint16_t* kr = k + t * t_stride;
-    for (int d = 0; d < HD; ++d) row[d] = bf16_to_float(kr[d]);
-    for (int j = 0; j < g; ++j) {
-      float acc = 0.f;
-      for (int d = 0; d < HD; ++d) acc += qs[j][d] * row[d];
-      scores[j * len + t] = acc;
+#ifdef EXEGPT_BF16_DOT
+  if constexpr (HD % 32 == 0) {
+    score_keys<HD>(q, k, v, t_stride, len, g, scale, scores.data());
+  } else
+#endif
+  {
+    float qs[kMaxGroup][HD];
+    for (int j = 0; j < g; ++j)
+      for (int d = 0; d < HD; ++d) qs[j][d] = static_cast<float>(q[j * HD + d]) * scale;
+    for (int64_t t = 0; t < len; ++t) {
+      const uint16_t* kr = k + t * t_stride;
+      for (int d = 0; d < HD; ++d) row[d] = bf16_to_float(kr[d]);
+      for (int j = 0; j < g; ++j) {
+        float acc = 0.f;
+        for (int d = 0; d < HD; ++d) acc += qs[j][d] * row[d];
+        scores[j * len + t] = acc;
+      }
     }
   }
   for (int j = 0; j < g; ++j) {
@@ -65,12 +175,19 @@ void attend_group(const c10::BFloat16* q, const uint16_t* k, const uint16_t* v,
   float acc[kMaxGroup][HD];
   for (int j = 0; j < g; ++j)
     for (int d = 0; d < HD; ++d) acc[j][d] = 0.f;
-  for (int64_t t = 0; t < len; ++t) {
-    const uint16_t* vr = v + t * t_stride;
-    for (int d = 0; d < HD; ++d) row[d] = bf16_to_float(vr[d]);
-    for (int j = 0; j < g; ++j) {
-      const float p = scores[j * len + t];
-      for (int d = 0; d < HD; ++d) acc[j][d] += p * row[d];
+#ifdef EXEGPT_BF16_DOT
+  if constexpr (HD % 32 == 0) {
+    weigh_values<HD>(scores.data(), v, t_stride, len, g, &acc[0][0]);
+  } else
+#endif
+  {
+    for (int64_t t = 0; t < len; ++t) {
+      const uint16_t* vr = v + t * t_stride;
+      for (int d = 0; d < HD; ++d) row[d] = bf16_to_float(vr[d]);
+      for (int j = 0; j < g; ++j) {
+        const float p = scores[j * len + t];
+        for (int d = 0; d < HD; ++d) acc[j][d] += p * row[d];
+      }
     }
   }
   for (int j = 0; j < g; ++j)

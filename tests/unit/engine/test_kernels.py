@@ -74,6 +74,20 @@ def test_decode_attention_equals_masked_sdpa(heads, kv_heads, head_dim):
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
 
 
+def test_decode_attention_is_as_accurate_as_torch_s_own_bf16_attention():
+    """Scores as bf16 dot products and weights rounded to bf16 (as torch rounds them):
+    no further from exact attention than torch's bf16 SDPA over the same values."""
+    q, k, v, num_keys = _case(9, 3, 64, [1, 17, 40, 5, 33, 2])
+    exact = _reference(q, k, v, num_keys, 0.125)
+    mask = (torch.arange(k.shape[2]) < num_keys.unsqueeze(1))[:, None, None, :]
+    torch_bf16 = scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=0.125, enable_gqa=True
+    )[:, :, 0]
+    ours = (_op()(q, k, v, num_keys, 0.125).float() - exact).abs().mean()
+    theirs = (torch_bf16.float() - exact).abs().mean()
+    assert ours <= 1.5 * theirs
+
+
 def test_a_row_reads_nothing_past_its_context():
     q, k, v, num_keys = _case(9, 3, 64, [3, 30, 12])
     clean = _op()(q, k, v, num_keys, 0.125)
