@@ -17,10 +17,11 @@
   activations each instead of five or six torch operations, rounded as those operations
   round in bf16.
 
-`avx512_bf16.h` holds the AVX512-BF16 helpers both attention kernels use. The sources are
-compiled with torch's C++ extension loader (ninja and the machine's C++
-compiler, `-march=native`) into `$EXEGPT_CACHE/kernels/`, once per source and CPU, about
-15 s; later starts load the library. The ops are registered as `torch.ops.exegpt_cpu.*`,
+`avx512_bf16.h` holds the AVX512-BF16 helpers both attention kernels use, `head_dims.h`
+their dispatch to the compiled head sizes (HEAD_DIMS). The sources are compiled with
+torch's C++ extension loader (ninja and the machine's C++ compiler, `-march=native`) into
+`$EXEGPT_CACHE/kernels/`, once per source and CPU, about 15 s; later starts load the
+library. The ops are registered as `torch.ops.exegpt_cpu.*`,
 so the step profile sorts them like torch's own. Where the build fails (no compiler) or
 `EXEGPT_KERNELS=off`, the executor keeps the torch operations; the log says which. Float32
 models always use the torch operations, which are bit for bit Hugging Face's.
@@ -47,7 +48,7 @@ SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # included by the sources
 # fast math lets the reductions vectorize; NaN and infinity keep their meaning
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
-HEAD_DIMS = (16, 32, 64, 128)  # the kernel's compiled head sizes
+HEAD_DIMS = (16, 32, 64, 128)  # the kernels' compiled head sizes (head_dims.h)
 MAX_GROUP = 16  # query heads per KV head
 Tensor = torch.Tensor
 DecodeAttention = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]

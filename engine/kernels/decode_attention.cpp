@@ -9,9 +9,11 @@
 // The work is split over (row, kv head) pairs with at::parallel_for, torch's own thread
 // pool. A pair reads its keys and values once for the whole GQA group of query heads and
 // stops at the row's context: nothing past it is read. Scores, softmax and the weighted sum
-// are float32; the output is rounded to bf16 once. Where the compiler targets AVX512-BF16,
-// the scores are bf16 dot products (exact products, float32 sums), 16 keys at a time, their
-// lane sums taken by one transposing add tree rather than one reduction per key.
+// are float32; the output is rounded to bf16 once. Where the compiler targets AVX512-BF16
+// (and for head sizes of 32 or more), scores and weighted values are bf16 dot products
+// (exact products, float32 sums): scores 16 keys at a time, their lane sums taken by one
+// transposing add tree rather than one reduction per key; values in key pairs, the softmax
+// weights rounded to bf16 as torch's flash attention rounds them.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,6 +21,8 @@
 #include <torch/library.h>
 
 #include <math.h>
+
+#include "head_dims.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -142,7 +146,6 @@ void attend_group(const c10::BFloat16* q, const uint16_t* k, const uint16_t* v,
                   int64_t t_stride, int64_t len, int g, float scale, c10::BFloat16* out,
                   std::vector<float>& scores) {
   scores.resize(static_cast<size_t>(g) * len);
-  float row[HD];
 #ifdef EXEGPT_BF16_DOT
   if constexpr (HD % 32 == 0) {
     score_keys<HD>(q, k, v, t_stride, len, g, scale, scores.data());
@@ -152,6 +155,7 @@ void attend_group(const c10::BFloat16* q, const uint16_t* k, const uint16_t* v,
     float qs[kMaxGroup][HD];
     for (int j = 0; j < g; ++j)
       for (int d = 0; d < HD; ++d) qs[j][d] = static_cast<float>(q[j * HD + d]) * scale;
+    float row[HD];
     for (int64_t t = 0; t < len; ++t) {
       const uint16_t* kr = k + t * t_stride;
       for (int d = 0; d < HD; ++d) row[d] = bf16_to_float(kr[d]);
@@ -181,6 +185,7 @@ void attend_group(const c10::BFloat16* q, const uint16_t* k, const uint16_t* v,
   } else
 #endif
   {
+    float row[HD];
     for (int64_t t = 0; t < len; ++t) {
       const uint16_t* vr = v + t * t_stride;
       for (int d = 0; d < HD; ++d) row[d] = bf16_to_float(vr[d]);
@@ -237,13 +242,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
     TORCH_CHECK(lens[r] >= 1 && lens[r] <= k.size(2), "row ", r, " context ", lens[r],
                 " outside 1..", k.size(2));
   at::Tensor out = at::empty({n, heads, hd}, q.options());
-  switch (hd) {
-    case 16: run<16>(q, k, v, ctx, scale, out); break;
-    case 32: run<32>(q, k, v, ctx, scale, out); break;
-    case 64: run<64>(q, k, v, ctx, scale, out); break;
-    case 128: run<128>(q, k, v, ctx, scale, out); break;
-    default: TORCH_CHECK(false, "decode_attention supports head_dim 16, 32, 64, 128; got ", hd);
-  }
+  exegpt_kernels::with_head_dim(hd, "decode_attention", [&](auto size) {
+    run<decltype(size)::value>(q, k, v, ctx, scale, out);
+  });
   return out;
 }
 

@@ -30,6 +30,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include "avx512_bf16.h"
+#include "head_dims.h"
 
 #include <algorithm>
 #include <atomic>
@@ -285,13 +286,9 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(total <= q.size(0), "the lengths add up to ", total, " tokens; q has ", q.size(0));
   at::Tensor out = at::empty({total, heads, hd}, q.options());
   if (total == 0) return out;
-  switch (hd) {
-    case 16: run<16>(q, k, v, lengths, scale, out); break;
-    case 32: run<32>(q, k, v, lengths, scale, out); break;
-    case 64: run<64>(q, k, v, lengths, scale, out); break;
-    case 128: run<128>(q, k, v, lengths, scale, out); break;
-    default: TORCH_CHECK(false, "prefill_attention supports head_dim 16, 32, 64, 128; got ", hd);
-  }
+  exegpt_kernels::with_head_dim(hd, "prefill_attention", [&](auto size) {
+    run<decltype(size)::value>(q, k, v, lengths, scale, out);
+  });
   return out;
 }
 
