@@ -43,7 +43,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "req_s": run.throughput_req_s,
         "p99_s": run.latency_percentile_s(99),
         "ms_per_step": steps.ms_per_step,
-        "kernels": kernels.enabled_for(loaded.dtype),
+        "kernels": kernels.enabled_for(loaded.dtype, loaded.device),
     }
 
 

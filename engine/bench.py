@@ -147,7 +147,7 @@ def run_offline(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.dtype)
     workloads = _workloads(args)
     torch.set_num_threads(args.num_threads or os.cpu_count() or 1)
-    ceiling = measure_ceiling(loaded.dtype)
+    ceiling = measure_ceiling(loaded.dtype, loaded.device)
     print(
         f"compute ceiling: {ceiling / 1e9:.0f} GFLOP/s ({loaded.dtype} matmul, "
         f"{torch.get_num_threads()} threads)"
@@ -193,10 +193,11 @@ def run_offline(args: argparse.Namespace) -> int:
         if args.profile_steps:
             profiles = _profile_policies(loaded, task_records, queries, prompts, args)
             report["tasks"][task]["step_profile"] = profiles
+        if args.json is not None:  # after each task: a run stopped later keeps this one
+            report |= {"records": records, "runs": [r.summary() for r in runs]}
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
     if args.json is not None:
-        report |= {"records": records, "runs": [r.summary() for r in runs]}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -28,24 +28,30 @@ from engine.workloads import Query
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine  # which imports this module
 
-CEILING_SIZE = 2048  # square bf16 matrices: large enough to run at the kernel's peak
+# square matrices large enough to run at the kernel's peak: on a GPU a product must also
+# outlast the launch and the synchronisation that times it
+CEILING_SIZE = {"cpu": 2048, "cuda": 8192}
 
 
-def measure_ceiling(dtype: torch.dtype, min_seconds: float = 1.0) -> float:
-    """FLOP/s of the fastest [n, n] @ [n, n] product in `dtype` over at least `min_seconds`.
+def measure_ceiling(dtype: torch.dtype, device: torch.device, min_seconds: float = 1.0) -> float:
+    """FLOP/s of the fastest [n, n] @ [n, n] product in `dtype` on `device` over at least
+    `min_seconds`.
 
     The best of many products: a moment of contention or a core's frequency ramp lowers
-    some of them, never the best one.
+    some of them, never the best one. A GPU's product is timed to its completion.
     """
-    n = CEILING_SIZE
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+    n = CEILING_SIZE.get(device.type, CEILING_SIZE["cpu"])
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     torch.mm(a, b)  # one-time kernel setup
+    sync()
     best = float("inf")
     deadline = time.perf_counter() + min_seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2.0 * n**3 / best
 

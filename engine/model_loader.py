@@ -62,6 +62,11 @@ class LoadedModel:
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (torch's default device when the model was loaded)."""
+        return next(self.model.parameters()).device
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("EXEGPT_CACHE", Path.home() / ".cache" / "exegpt"))

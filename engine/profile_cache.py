@@ -37,7 +37,7 @@ GRIDS = {"full": ProfileOptions(), "quick": QUICK}
 
 def cache_path(loaded: LoadedModel, grid: str) -> Path:
     device, _ = device_info(loaded)
-    ops = kernels.signature(loaded.dtype)
+    ops = kernels.signature(loaded.dtype, loaded.device)
     key = f"{loaded.name}|{device}|{loaded.dtype}|{torch.get_num_threads()}|{grid}|{ops}"
     readable = re.sub(r"[^A-Za-z0-9]+", "-", f"{loaded.name}-{grid}").strip("-")[:60]
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]

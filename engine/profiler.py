@@ -150,9 +150,8 @@ def kv_bytes_per_token(loaded: LoadedModel) -> int:
 
 def device_info(loaded: LoadedModel) -> tuple[str, int]:
     """(device name, total device memory in bytes): the GPU's, else the CPU's and RAM."""
-    device = next(loaded.model.parameters()).device
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
+    if loaded.device.type == "cuda":
+        props = torch.cuda.get_device_properties(loaded.device)
         return props.name, int(props.total_memory)
     name, memory = platform.processor() or "cpu", 0
     with contextlib.suppress(OSError):
@@ -195,7 +194,7 @@ class _Slice:
 
     def __init__(self, loaded: LoadedModel, k: int, num_slots: int, max_len: int) -> None:
         self.loaded, self.k = loaded, k
-        self.is_cuda = next(loaded.model.parameters()).device.type == "cuda"
+        self.is_cuda = loaded.device.type == "cuda"
         with _first_layers(loaded, k):
             self.executor: ModelExecutor = build_executor(loaded, num_slots, max_len)
 

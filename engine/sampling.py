@@ -39,12 +39,13 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> list[int]:
-    """One token per row. Greedy rows share one argmax; sampled rows are drawn one by one."""
+    """One token per row. Greedy rows share one argmax; sampled rows are drawn one by one,
+    on the CPU where the per-request generators live (a seed draws the same on any device)."""
     tokens = logits.argmax(dim=-1).tolist()
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.is_greedy:
             continue
-        probs = torch.softmax(logits[row] / p.temperature, dim=-1)
+        probs = torch.softmax(logits[row].cpu() / p.temperature, dim=-1)
         if p.top_p < 1:
             sorted_probs, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (always the top token)

@@ -119,34 +119,36 @@ def _build(build: Path, ready: Path) -> None:
         ready.touch()
 
 
-def signature(dtype: torch.dtype) -> str:
-    """What runs for `dtype` models: the kernels' build (named by a digest of their sources,
-    flags, CPU and torch), or "torch"; measurements of one do not stand for another."""
-    return build_dir().name if enabled_for(dtype) else "torch"
+def signature(dtype: torch.dtype, device: torch.device) -> str:
+    """What runs for `dtype` models on `device`: the kernels' build (named by a digest of
+    their sources, flags, CPU and torch), or "torch"; measurements of one do not stand for
+    another."""
+    return build_dir().name if enabled_for(dtype, device) else "torch"
 
 
-def enabled_for(dtype: torch.dtype) -> bool:
-    """Whether executors of `dtype` run the compiled kernels (building them if needed)."""
-    return dtype == torch.bfloat16 and _load()
+def enabled_for(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether executors of `dtype` on `device` run the compiled kernels (building them if
+    needed): bf16 models on the CPU; on a GPU torch's operations run."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and _load()
 
 
 def decode_attention(
-    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int
+    dtype: torch.dtype, device: torch.device, head_dim: int, num_heads: int, num_kv_heads: int
 ) -> DecodeAttention | None:
     """The compiled decode attention for this model's shapes, or None where it does not
-    apply (not bf16, other head sizes) or cannot be built.
+    apply (not bf16 on the CPU, other head sizes) or cannot be built.
 
     The op takes q [n, heads, head_dim], the cache rows' k and v views
     [n, kv_heads, span, head_dim] (head_dim contiguous), each row's number of keys [n]
     (int64) and the softmax scale; it returns [n, heads, head_dim]."""
-    if not _attention_applies(dtype, head_dim, num_heads, num_kv_heads):
+    if not _attention_applies(dtype, device, head_dim, num_heads, num_kv_heads):
         return None
     op: DecodeAttention = torch.ops.exegpt_cpu.decode_attention
     return op
 
 
 def prefill_attention(
-    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int
+    dtype: torch.dtype, device: torch.device, head_dim: int, num_heads: int, num_kv_heads: int
 ) -> PrefillAttention | None:
     """The compiled causal attention over packed prompts, or None where it does not apply
     (as decode_attention's, and on CPUs without AVX512-BF16, where it is not built in).
@@ -155,7 +157,7 @@ def prefill_attention(
     head_dim contiguous), the prompts' lengths [S] (int64, packing order) and the softmax
     scale; it returns [sum(lengths), heads, head_dim], each prompt attending causally
     within itself."""
-    if not _attention_applies(dtype, head_dim, num_heads, num_kv_heads):
+    if not _attention_applies(dtype, device, head_dim, num_heads, num_kv_heads):
         return None
     if not hasattr(torch.ops.exegpt_cpu, "prefill_attention"):
         return None
@@ -164,17 +166,21 @@ def prefill_attention(
 
 
 def _attention_applies(
-    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int
+    dtype: torch.dtype, device: torch.device, head_dim: int, num_heads: int, num_kv_heads: int
 ) -> bool:
     grouped = num_heads % num_kv_heads == 0 and num_heads <= MAX_GROUP * num_kv_heads
-    return head_dim in HEAD_DIMS and grouped and enabled_for(dtype)
+    return head_dim in HEAD_DIMS and grouped and enabled_for(dtype, device)
 
 
-def rms_norm(dtype: torch.dtype) -> Callable[[Tensor, Tensor, float], Tensor] | None:
-    """rms_norm(x [T, H], weight [H], eps) for `dtype` activations, or None."""
-    return torch.ops.exegpt_cpu.rms_norm if enabled_for(dtype) else None
+def rms_norm(
+    dtype: torch.dtype, device: torch.device
+) -> Callable[[Tensor, Tensor, float], Tensor] | None:
+    """rms_norm(x [T, H], weight [H], eps) for `dtype` activations on `device`, or None."""
+    return torch.ops.exegpt_cpu.rms_norm if enabled_for(dtype, device) else None
 
 
-def rotary(dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
-    """rotary(x [T, heads, D], cos [T, 1, D], sin [T, 1, D]) for `dtype`, or None."""
-    return torch.ops.exegpt_cpu.rotary if enabled_for(dtype) else None
+def rotary(
+    dtype: torch.dtype, device: torch.device
+) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """rotary(x [T, heads, D], cos [T, 1, D], sin [T, 1, D]) for `dtype` on `device`, or None."""
+    return torch.ops.exegpt_cpu.rotary if enabled_for(dtype, device) else None

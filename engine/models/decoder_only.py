@@ -115,12 +115,14 @@ class _LlamaArch:
         self.num_heads = cfg.num_attention_heads // size
         self.num_kv_heads = cfg.num_key_value_heads // size
         self.tp = tp
-        dtype = self.body.embed_tokens.weight.dtype
-        fused_norm = kernels.rms_norm(dtype)
+        weight = self.body.embed_tokens.weight
+        fused_norm = kernels.rms_norm(weight.dtype, weight.device)
         self.input_norms = [_RMSNorm(layer.input_layernorm, fused_norm) for layer in own]
         self.post_norms = [_RMSNorm(layer.post_attention_layernorm, fused_norm) for layer in own]
         self.final_norm = _RMSNorm(self.body.norm, fused_norm)
-        self.rotate = kernels.rotary(dtype) or _rotate  # q and k by their positions
+        self.rotate = (
+            kernels.rotary(weight.dtype, weight.device) or _rotate
+        )  # q and k by their positions
         attns = [layer.self_attn for layer in own]
         mlps = [layer.mlp for layer in own]
         hd = self.head_dim
@@ -335,7 +337,7 @@ class DecoderOnlyExecutor:
         self.max_len = max_len
         self.dtype = loaded.dtype
         arch = self.arch
-        shape_args = (loaded.dtype, arch.head_dim, arch.num_heads, arch.num_kv_heads)
+        shape_args = (loaded.dtype, loaded.device, arch.head_dim, arch.num_heads, arch.num_kv_heads)
         self.decode_kernel = kernels.decode_attention(*shape_args)
         self.prefill_kernel = kernels.prefill_attention(*shape_args)
 

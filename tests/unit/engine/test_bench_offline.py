@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import engine.bench
 from engine.bench import sweep
 from engine.bench_offline import (
     BOUND_BATCHES,
@@ -228,3 +229,26 @@ def test_drift_benchmark_rejects_bad_arguments(
 ) -> None:
     assert main(["bench", "drift", *argv]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_a_run_stopped_in_a_later_task_keeps_the_finished_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report is written after each task, so a run killed at its time limit (the GPU
+    script's) still returns what it measured."""
+    out = tmp_path / "bench.json"
+    sweep = engine.bench.sweep
+
+    def sweep_then_stop(loaded, task, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if task == "C1":
+            raise KeyboardInterrupt
+        return sweep(loaded, task, *args, **kwargs)
+
+    monkeypatch.setattr("engine.bench.sweep", sweep_then_stop)
+    argv = ["bench", "offline", "--model", "random:llama", "--dtype", "float32",
+            "--tasks", "S,C1", "--num-queries", "8", "--scale", "0.03", "--quick",
+            "--policies", "static", "--num-threads", "1", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 130  # stopped, as by Ctrl-C
+    report = json.loads(out.read_text())
+    assert list(report["tasks"]) == ["S"]
+    assert {r["task"] for r in report["records"]} == {"S"} and report["runs"]

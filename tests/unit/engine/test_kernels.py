@@ -18,6 +18,7 @@ from engine.models.base import causal_prefill_attention
 from engine.models.decoder_only import DecoderOnlyExecutor
 
 BF16 = torch.bfloat16
+CPU = torch.device("cpu")
 
 
 # the prefill kernel is built in where the CPU has AVX512-BF16, and must be there
@@ -34,7 +35,7 @@ def fresh_load():
 
 
 def _op() -> kernels.DecodeAttention:
-    op = kernels.decode_attention(BF16, 64, 4, 2)
+    op = kernels.decode_attention(BF16, CPU, 64, 4, 2)
     assert op is not None, "the kernels did not build (is a C++ compiler installed?)"
     return op
 
@@ -110,7 +111,7 @@ def test_bad_inputs_are_refused_with_a_message():
 
 
 def _prefill_op() -> kernels.PrefillAttention:
-    op = kernels.prefill_attention(BF16, 64, 4, 2)
+    op = kernels.prefill_attention(BF16, CPU, 64, 4, 2)
     assert op is not None, "the CPU has AVX512-BF16, yet the prefill kernel is not built in"
     return op
 
@@ -177,13 +178,18 @@ def test_prefill_attention_refuses_bad_inputs_with_a_message():
         _prefill_op()(q[..., :48], k[..., :48], v[..., :48], torch.tensor([4]), 0.125)
 
 
-def test_only_bf16_and_compiled_head_sizes_get_the_kernel():
-    assert kernels.decode_attention(torch.float32, 64, 4, 2) is None  # fp32 stays exact
-    assert kernels.decode_attention(BF16, 80, 4, 2) is None
-    assert kernels.decode_attention(BF16, 64, 6, 4) is None  # not whole GQA groups
-    assert kernels.decode_attention(BF16, 64, 64, 2) is None  # 32 query heads per KV head
-    assert kernels.prefill_attention(torch.float32, 64, 4, 2) is None
-    assert kernels.prefill_attention(BF16, 80, 4, 2) is None
+def test_only_bf16_on_the_cpu_and_compiled_head_sizes_get_the_kernel():
+    assert kernels.decode_attention(torch.float32, CPU, 64, 4, 2) is None  # fp32 stays exact
+    gpu = torch.device("cuda")  # CPU ops: a GPU executor keeps torch's operations
+    assert kernels.decode_attention(BF16, gpu, 64, 4, 2) is None
+    assert kernels.prefill_attention(BF16, gpu, 64, 4, 2) is None
+    assert kernels.rms_norm(BF16, gpu) is None and kernels.rotary(BF16, gpu) is None
+    assert kernels.signature(BF16, gpu) == "torch"
+    assert kernels.decode_attention(BF16, CPU, 80, 4, 2) is None
+    assert kernels.decode_attention(BF16, CPU, 64, 6, 4) is None  # not whole GQA groups
+    assert kernels.decode_attention(BF16, CPU, 64, 64, 2) is None  # 32 query heads per KV head
+    assert kernels.prefill_attention(torch.float32, CPU, 64, 4, 2) is None
+    assert kernels.prefill_attention(BF16, CPU, 80, 4, 2) is None
 
 
 def test_bf16_executor_steps_agree_with_the_torch_path(load_cached, fresh_load, monkeypatch):
@@ -225,7 +231,7 @@ def test_rms_norm_rounds_as_the_torch_operations():
     gen = torch.Generator().manual_seed(5)
     module = _rms_norm_module(576, gen)
     x = (3 * torch.randn(300, 576, generator=gen)).to(BF16)
-    fused = kernels.rms_norm(BF16)
+    fused = kernels.rms_norm(BF16, CPU)
     assert fused is not None
     got = decoder_only._RMSNorm(module, fused)(x)
     want = decoder_only._RMSNorm(module, None)(x)
@@ -246,7 +252,7 @@ def test_rotary_is_the_torch_operations_bit_for_bit():
     qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)  # strided
     angles = torch.randn(tokens, 1, dim, generator=gen)
     cos, sin = angles.cos().to(BF16), angles.sin().to(BF16)
-    fused = kernels.rotary(BF16)
+    fused = kernels.rotary(BF16, CPU)
     assert fused is not None
     assert torch.equal(fused(qk, cos, sin), decoder_only._rotate(qk, cos, sin))
     with pytest.raises(RuntimeError, match="even head size"):
@@ -255,7 +261,7 @@ def test_rotary_is_the_torch_operations_bit_for_bit():
 
 def test_kernels_can_be_switched_off(fresh_load, monkeypatch):
     monkeypatch.setenv("EXEGPT_KERNELS", "off")
-    assert kernels.decode_attention(BF16, 64, 4, 2) is None
+    assert kernels.decode_attention(BF16, CPU, 64, 4, 2) is None
 
 
 def test_a_failed_build_leaves_the_sdpa_path(
@@ -263,8 +269,8 @@ def test_a_failed_build_leaves_the_sdpa_path(
 ):
     monkeypatch.setenv("EXEGPT_CACHE", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    assert kernels.decode_attention(BF16, 64, 4, 2) is None
-    assert kernels.prefill_attention(BF16, 64, 4, 2) is None
+    assert kernels.decode_attention(BF16, CPU, 64, 4, 2) is None
+    assert kernels.prefill_attention(BF16, CPU, 64, 4, 2) is None
     assert "torch operations run" in caplog.text
     executor = DecoderOnlyExecutor(load_cached("random:llama", "bfloat16"), 2, 16)
     assert executor.decode_kernel is None
@@ -280,6 +286,9 @@ def test_a_build_killed_halfway_does_not_hold_the_next_start(tmp_path):
     build = Path(subprocess.check_output([sys.executable, "-c", probe], env=env, text=True).strip())
     build.mkdir(parents=True)
     (build / "lock").touch()
-    check = "import torch; from engine import kernels; assert kernels.enabled_for(torch.bfloat16)"
+    check = (
+        "import torch; from engine import kernels; "
+        "assert kernels.enabled_for(torch.bfloat16, torch.device('cpu'))"
+    )
     subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=200)
     assert (build / "ready").exists() and not (build / "lock").exists()

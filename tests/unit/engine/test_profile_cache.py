@@ -37,7 +37,7 @@ def test_quick_profile_is_measured_once_then_read_from_the_cache(
         assert cache_path(loaded, "quick") != path  # another thread count, another profile
         assert cache_path(loaded, "full") != path
         torch.set_num_threads(1)
-        monkeypatch.setattr("engine.kernels.signature", lambda dtype: "exegpt_kernels_0123")
+        monkeypatch.setattr("engine.kernels.signature", lambda dtype, device: "exegpt_kernels_0123")
         assert cache_path(loaded, "quick") != path  # other compiled kernels, another profile
     finally:
         torch.set_num_threads(threads)
