@@ -61,6 +61,13 @@ class Profile:
     kv_bytes_per_token: float
     device_memory_bytes: float | None = None
     source: str = ""
+    pad_tokens_to: int = 1  # the engine rounds an encoding step's tokens up to a multiple
+
+    @property
+    def mean_encode_padding(self) -> float:
+        """Tokens an encoding step adds on average: its count's remainder is about
+        uniform, so (pad_tokens_to - 1) / 2."""
+        return (self.pad_tokens_to - 1) / 2.0
 
     @property
     def encode_layers(self) -> int:
@@ -160,6 +167,7 @@ def parse_profile(raw: Any, *, source: str = "<dict>") -> Profile:
         kv_bytes_per_token=float(raw.get("kv_bytes_per_token", kv_token)),
         device_memory_bytes=float(memory) if memory is not None else None,
         source=source,
+        pad_tokens_to=int(raw.get("pad_tokens_to", 1)),
     )
 
 

@@ -140,4 +140,6 @@ class ServingTarget:
         kind = K.ENCODE if is_encode else K.DECODE
         layers = p.encode_layers if is_encode else p.decode_layers
         k = p.tps.index(1) if 1 in p.tps else 0
+        if is_encode:
+            length = K.padded_length(p.mean_encode_padding, batch, length)
         return layers * K.layer_time(p.tables, axes, kind, k, float(batch), length)

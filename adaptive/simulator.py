@@ -134,6 +134,7 @@ def build_scenario(
         lengths = np.arange(dist.input_pmf.size, dtype=np.float64)
         spread = float(np.dot((lengths - dist.mean_input) ** 2, dist.input_pmf))
         s[K.S_IN_SD] = math.sqrt(spread)
+        s[K.S_PAD] = profile.mean_encode_padding
     axes = np.array([profile.log2_batch0, profile.log2_len0])
     return Scenario(profile, cluster, dist, s, axes, iters_pmf, batch_relation)
 

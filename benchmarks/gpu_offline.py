@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from adaptive.cache import cache_dir
 from engine.cli import main as exegpt
-from engine.model_loader import cache_dir, load_model, model_folder
+from engine.model_loader import load_model, model_folder
 from engine.profiler import ProfileOptions, profile_model
 
 OPT_1_3B = {"n_embd": 2048, "n_layer": 24, "n_head": 32, "n_inner": 8192, "n_positions": 2048}

@@ -97,12 +97,10 @@ def machine_profile(
     return profile_model(loaded, replace(base, max_len=max_len, max_batch=batches))
 
 
-MEASURED_KEYS = (  # a row's measured side beside the steady state, kept for --replay
-    "whole_run_req_s",
-    "whole_run_p99_latency_s",
-    "encode_step_ratio",
-    "decode_step_ratio",
-)
+# a row's measured side beside the steady state, kept for --replay; "steps" are the run's
+# step shapes (`step_shapes`), which a replay prices again
+MEASURED_KEYS = ("whole_run_req_s", "whole_run_p99_latency_s", "steps")
+RATIO_KEYS = ("encode_step_ratio", "decode_step_ratio")
 
 
 def relative_error(predicted: float, measured: float) -> float:
@@ -126,15 +124,31 @@ def planned_knobs(
     }
 
 
-def step_time_ratios(target: ServingTarget, run: RunResult) -> dict[str, float | None]:
+StepShape = list[float]  # [is_encode (1 or 0), batch, mean length, steps, seconds in all]
+
+
+def step_shapes(run: RunResult) -> list[StepShape]:
+    """The run's steps, those of one shape (length to a tenth of a token) summed."""
+    shapes: dict[tuple[int, int, float], list[float]] = {}
+    for t in run.steps:
+        total = shapes.setdefault((int(t.is_encode), t.batch, round(t.length, 1)), [0, 0.0])
+        total[0] += 1
+        total[1] += t.seconds
+    return [[*shape, count, seconds] for shape, (count, seconds) in sorted(shapes.items())]
+
+
+def step_time_ratios(target: ServingTarget, shapes: Sequence[StepShape]) -> dict[str, float | None]:
     """Measured over profile-predicted time of the run's encoding and decoding steps, each
     step priced at its own batch and length: where this is near 1 and the schedule's
     figures are not, the error lies in the schedule model, not in the layer times."""
     ratios: dict[str, float | None] = {}
-    for name, is_encode in (("encode_step_ratio", True), ("decode_step_ratio", False)):
-        steps = [t for t in run.steps if t.is_encode is is_encode]
-        predicted = sum(target.step_seconds(is_encode, t.batch, t.length) for t in steps)
-        ratios[name] = sum(t.seconds for t in steps) / predicted if steps else None
+    for name, is_encode in zip(RATIO_KEYS, (True, False), strict=True):
+        steps = [s for s in shapes if bool(s[0]) is is_encode]
+        predicted = sum(
+            count * target.step_seconds(is_encode, int(batch), length)
+            for _, batch, length, count, _ in steps
+        )
+        ratios[name] = sum(s[4] for s in steps) / predicted if steps else None
     return ratios
 
 
@@ -142,12 +156,10 @@ def compare_run(
     profile: Profile, cluster: Cluster, dist: LengthDistribution, run: RunResult, source: str
 ) -> dict[str, Any]:
     """One schedule's prediction beside its measurement."""
-    schedule = run_schedule(run.policy, run.knobs, cluster)
-    target = ServingTarget(profile, schedule.max_batch, Policy.RRA)
     measured = {
         "whole_run_req_s": run.throughput_req_s,
         "whole_run_p99_latency_s": run.latency_percentile_s(99),
-        **step_time_ratios(target, run),
+        "steps": step_shapes(run),
     }
     steady = run.steady_state()
     return predict_row(profile, cluster, dist, run.policy, run.knobs, source, steady, measured)
@@ -169,14 +181,20 @@ def predict_row(
     measured: dict[str, Any],
 ) -> dict[str, Any]:
     """The simulator's prediction for a measured run (its steady-state req/s and p99, its
-    step-time ratios in `measured`), raw and refit to the run's own step times."""
+    step shapes in `measured`), raw and refit to the run's own step times. A report from
+    before step shapes were kept carries only the ratios its simulator computed."""
     schedule = run_schedule(policy, knobs, cluster)
     predicted = simulate(profile, cluster, dist, schedule)
     measured_req_s, measured_p99 = steady
     target = ServingTarget(profile, schedule.max_batch, Policy.RRA)
+    ratios = (
+        step_time_ratios(target, measured["steps"])
+        if "steps" in measured
+        else {key: measured[key] for key in RATIO_KEYS}
+    )
     # the profile refit to the run's own step times, as the controller refits it online:
     # what is left of the error lies in the schedule model, not in the layer times
-    scales = (measured["encode_step_ratio"] or 1.0, measured["decode_step_ratio"] or 1.0)
+    scales = (ratios["encode_step_ratio"] or 1.0, ratios["decode_step_ratio"] or 1.0)
     refit = simulate(target.scaled(*scales), cluster, dist, schedule)
     return {
         "schedule": schedule.describe(),
@@ -194,6 +212,7 @@ def predict_row(
         "refit_p99_latency_s": refit.latency_s,
         "refit_latency_error": relative_error(refit.latency_s, measured_p99),
         **measured,
+        **ratios,
     }
 
 
@@ -210,7 +229,7 @@ def replay(report: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for row in report["rows"]:
         steady = (row["measured_req_s"], row["measured_p99_latency_s"])
-        measured = {key: row[key] for key in MEASURED_KEYS}
+        measured = {key: row[key] for key in (*MEASURED_KEYS, *RATIO_KEYS) if key in row}
         policy, knobs, source = row["policy"], row["knobs"], row["source"]
         rows.append(predict_row(profile, cluster, dist, policy, knobs, source, steady, measured))
     return report | {"rows": rows, "summary": error_summary(rows)}

@@ -29,6 +29,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from adaptive.cache import cache_dir
+
 logger = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()
 
@@ -66,10 +68,6 @@ class LoadedModel:
     def device(self) -> torch.device:
         """Where the weights live (torch's default device when the model was loaded)."""
         return next(self.model.parameters()).device
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EXEGPT_CACHE", Path.home() / ".cache" / "exegpt"))
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "bfloat16") -> LoadedModel:

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import torch
 
+from adaptive.cache import cache_dir
 from adaptive.profile import Profile, load_profile, parse_profile, read_profile_json
 from engine import kernels
-from engine.model_loader import LoadedModel, cache_dir
+from engine.model_loader import LoadedModel
+from engine.models import pad_tokens_to
 from engine.profiler import QUICK, ProfileOptions, device_info, is_clean, profile_model
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,10 @@ GRIDS = {"full": ProfileOptions(), "quick": QUICK}
 def cache_path(loaded: LoadedModel, grid: str) -> Path:
     device, _ = device_info(loaded)
     ops = kernels.signature(loaded.dtype, loaded.device)
-    key = f"{loaded.name}|{device}|{loaded.dtype}|{torch.get_num_threads()}|{grid}|{ops}"
+    threads = torch.get_num_threads()
+    # the executor's padding is part of what a profile describes (older ones lack it)
+    pad = pad_tokens_to(loaded)
+    key = f"{loaded.name}|{device}|{loaded.dtype}|{threads}|{grid}|{ops}|pad{pad}"
     readable = re.sub(r"[^A-Za-z0-9]+", "-", f"{loaded.name}-{grid}").strip("-")[:60]
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_dir() / "profiles" / f"{readable}-{digest}.json"

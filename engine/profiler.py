@@ -51,7 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.model_loader import LoadedModel, load_model
-from engine.models import EncodeItem, ModelExecutor, build_executor
+from engine.models import EncodeItem, ModelExecutor, build_executor, pad_tokens_to
 from engine.sampling import SamplingParams, sample
 
 logger = logging.getLogger(__name__)
@@ -385,6 +385,7 @@ def profile_model(
         "head_ms": heads,  # per step, not per layer: embedding + final norm + LM head + argmax
         "weight_bytes": sum(p.numel() * p.element_size() for p in loaded.model.parameters()),
         "kv_bytes_per_token": kv_bytes_per_token(loaded),
+        "pad_tokens_to": pad_tokens_to(loaded),
         "device_memory_bytes": memory,
         "statistic": opts.statistic,
         "inverted_share": round(share, 4),

@@ -20,13 +20,18 @@ decoding, the slower encode stages hold the decodes back for p - 1 stage-slots
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import numba
 import numpy as np
 import numpy.typing as npt
 from numba import njit
+
+from adaptive.cache import cache_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
 Arr = npt.NDArray[np.float64]
@@ -35,6 +40,21 @@ Point = tuple[float, float, float, float, float]
 # Parallel layout: (k1, kd, d, n_plain, n_groups), the tables' TP index for plain stages
 # and for TP groups, the TP degree d, plain stages, TP groups of d devices.
 Layout = tuple[int, int, int, int, int]
+
+
+def numba_cache_dir(kernels: Path) -> str:
+    """Where numba keeps the machine code of the kernels in folder `kernels`: a folder
+    named by a digest of every kernel source, under $NUMBA_CACHE_DIR if set, else exegpt's
+    cache. Numba keys a function's cache on its own file alone, so a kernel calling into an
+    edited or upgraded module would load machine code with the old callee inlined."""
+    sources = sorted(kernels.glob("*.py"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:16]
+    root = Path(numba.config.CACHE_DIR or cache_dir() / "numba")  # type: ignore[attr-defined]
+    return str(root / f"exegpt_kernels_{digest}")
+
+
+# read when each kernel below (and in the modules importing this one) is decorated
+numba.config.CACHE_DIR = numba_cache_dir(Path(__file__).parent)  # type: ignore[attr-defined]
 
 
 def jit(fn: F) -> F:
@@ -79,7 +99,10 @@ S_BUFFER = 23  # WAA's buffer for dynamic workload adjustment, fraction of laten
 # Standard deviation of prompt lengths, for RRA's latency percentile over queries (0: the
 # paper's latency, every encoding phase at the mean prompt length).
 S_IN_SD = 24
-S_SIZE = 25
+# Tokens an encoding step computes beyond its prompts, on average: the engine rounds a
+# step's token count up to a multiple of its profile's `pad_tokens_to` (0: the paper's).
+S_PAD = 25
+S_SIZE = 26
 
 INFEASIBLE = (0.0, math.inf, 0.0, math.inf, 0.0)
 
@@ -118,6 +141,13 @@ def layer_time(tables: Arr, axes: Arr, kind: int, k: int, batch: float, length: 
 
 
 @jit
+def padded_length(mean_padding: float, batch: float, length: float) -> float:
+    """The prompt length an encoding step of `batch` prompts computes per prompt, its
+    padding spread over them."""
+    return length + mean_padding / max(batch, 1.0)
+
+
+@jit
 def allreduce_time(s: Arr, nbytes: float, d: int) -> float:
     """Ring all-reduce among d devices of one node."""
     if d <= 1:
@@ -149,6 +179,8 @@ def stage_time(
     the decode layers over one new token per query.
     """
     k1, kd, d, n_plain, n_groups = lay
+    if kind == ENCODE:  # each mini-batch is a step of its own, padded
+        length = padded_length(s[S_PAD], b, length)
     layers = s[S_L_ENC] if kind == ENCODE else s[S_L_DEC]
     tokens = length if kind == ENCODE else 1.0
     n_dev = n_plain + n_groups * d

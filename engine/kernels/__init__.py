@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model_loader import cache_dir
+from adaptive.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 

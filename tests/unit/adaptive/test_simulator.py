@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +209,39 @@ def test_rra_latency_counts_the_prompts_spread_where_encoding_dominates(
         errors[model] = analytic.latency_s / des.p99_latency_s - 1
     assert abs(errors["engine"]) < 0.10
     assert abs(errors["engine"]) < abs(errors["paper"])
+
+
+def test_encoding_is_priced_at_the_tokens_the_engine_pads_it_to(opt13b: Profile) -> None:
+    """The engine rounds an encoding step's token count up to a multiple of its profile's
+    `pad_tokens_to` (about (q - 1) / 2 tokens more per step, spread over its prompts); a
+    profile measured at multiples of it sees none, so the model adds them. The paper's
+    account and profiles without the field are unchanged."""
+    padded = replace(opt13b, pad_tokens_to=32)
+    cluster = preset_cluster("a40", 1)
+    dist = LengthDistribution.from_task("S")
+    layout = K.split_devices(0, 0, 1, 1, 0)
+    for batch in (1, 4):
+        sc = build_scenario(padded, cluster, dist)
+        priced = K.pass_time(padded.tables, sc.axes, sc.vector, K.ENCODE, layout, batch, 20.0)
+        layer = padded.layer_time_s("encode", 1, batch, 20.0 + 15.5 / batch)
+        assert priced == pytest.approx(padded.encode_layers * layer)
+    rra = Schedule(Policy.RRA, 2, decode_iters=8, max_batch=UNCAPPED)
+    plain = simulate(opt13b, cluster, dist, rra)
+    assert simulate(padded, cluster, dist, rra).throughput_req_s < plain.throughput_req_s
+    for profile in (padded, opt13b):
+        paper = simulate(profile, cluster, dist, rra, model="paper")
+        assert paper == simulate(opt13b, cluster, dist, rra, model="paper")
+
+
+def test_the_kernels_compiled_code_is_cached_per_version_of_every_kernel_module(
+    tmp_path: Path,
+) -> None:
+    """Numba keys a function's cache on its own file: an RRA kernel calling an edited cost
+    function would run its old machine code. The cache folder is named by all the sources."""
+    kernels = Path(K.cost.__file__).parent
+    copy = tmp_path / "kernels"
+    shutil.copytree(kernels, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert K.cost.numba_cache_dir(copy) == K.cost.numba_cache_dir(kernels)
+    cost = copy / "cost.py"
+    cost.write_text(cost.read_text().replace("mean_padding / max(batch, 1.0)", "mean_padding"))
+    assert K.cost.numba_cache_dir(copy) != K.cost.numba_cache_dir(kernels)

@@ -125,7 +125,7 @@ def test_a_replay_predicts_the_measured_runs_again_from_the_report_s_profile(
 ) -> None:
     """--replay judges a changed simulator on the same measurements: the same model gives
     the same rows back, and a profile twice as slow predicts each run about half as fast
-    while the measured side stays as it was."""
+    and its steps twice as slow, while the measured side stays as it was."""
     saved = json.loads(json.dumps(report | {"seed": 1, "scale": 0.05}))  # as --json writes it
     again = replay(saved)
     assert [r["schedule"] for r in again["rows"]] == [r["schedule"] for r in report["rows"]]
@@ -145,5 +145,13 @@ def test_a_replay_predicts_the_measured_runs_again_from_the_report_s_profile(
     for before, after in zip(report["rows"], slower["rows"], strict=True):
         assert after["predicted_req_s"] == pytest.approx(before["predicted_req_s"] / 2, rel=0.05)
         assert after["measured_p99_latency_s"] == before["measured_p99_latency_s"]
+        for key in ("encode_step_ratio", "decode_step_ratio"):
+            assert after[key] == pytest.approx(before[key] / 2)
+    # a report from before step shapes were kept replays with the ratios it carries
+    for row in saved["rows"]:
+        del row["steps"]
+    older = replay(saved)
+    for before, after in zip(report["rows"], older["rows"], strict=True):
+        assert after["encode_step_ratio"] == before["encode_step_ratio"]
     with pytest.raises(ValueError, match="no profile"):
         replay({k: v for k, v in saved.items() if k != "profile"})

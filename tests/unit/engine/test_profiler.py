@@ -13,6 +13,8 @@ import torch
 from adaptive.profile import parse_profile
 from engine import profiler
 from engine.cli import main
+from engine.models import EncodeItem
+from engine.models.decoder_only import DecoderOnlyExecutor
 
 LAYER_KEYS = {"hidden", "heads", "head_dim", "ffn", "layers", "encdec"}
 
@@ -75,7 +77,11 @@ def test_decoder_only_profile_has_documented_format_and_positive_times(
         assert len(raw["head_ms"][kind]) == len(all_points(raw, kind))
     times = [p[2] for p in encode + decode] + [p[2] for k in raw["head_ms"].values() for p in k]
     assert all(t > 0 for t in times)
-    parse_profile(raw)  # the planner's own loader accepts it
+    # the executor rounds an encoding step's tokens up to this multiple; the planner prices it
+    pad = raw["pad_tokens_to"]
+    step = DecoderOnlyExecutor.batch([EncodeItem(0, list(range(100, 137)))], [], [])
+    assert pad > 1 and (37 + step.padding) % pad == 0 and step.padding < pad
+    assert parse_profile(raw).pad_tokens_to == pad  # the planner's own loader accepts it
 
 
 def test_the_planner_prices_a_step_with_its_head(llama_profile: dict) -> None:  # type: ignore[type-arg]
@@ -106,6 +112,7 @@ def test_encoder_decoder_profile_has_cross_decode(tmp_path: Path) -> None:
         points = all_points(raw, kind)
         assert len(points) == 4 and all(ms > 0 for _, _, ms in points)
     assert parse_profile(raw).is_encdec
+    assert raw["pad_tokens_to"] == 1  # T5 encodes its prompts unpadded
 
 
 def test_a_grid_inverted_by_a_busy_machine_is_measured_again(
