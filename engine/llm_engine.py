@@ -20,7 +20,7 @@ from adaptive.schedule import Policy, Schedule
 from engine.detokenizer import DetokenizerState, next_text
 from engine.layout import Allocation, split_evenly
 from engine.model_loader import LoadedModel, load_model
-from engine.models import ModelExecutor, build_executor
+from engine.models import ModelExecutor, build_executor, pad_tokens_to
 from engine.pipelined import LaneRunner, LaneStep
 from engine.protocol import WorkerSpec, check_placement
 from engine.request import Request
@@ -121,25 +121,33 @@ class EngineStats:
 class StepCounters:
     """Work done since the engine started: what efficiency reports divide by."""
 
+    # an encoding forward's rows are rounded up to a multiple of this (engine.models)
+    pad_tokens_to: int = 1
     encode_steps: int = 0
     decode_steps: int = 0
     prompt_tokens: int = 0  # tokens encoded
     decode_rows: int = 0  # rows computed by decoding iterations (held finished rows included)
+    padding_rows: int = 0  # rows encoding forwards computed beyond their tokens
 
     def record(self, plan: StepPlan) -> None:
-        # WAA: the encode workers encode what is handed to them, apart from the steps
-        self.prompt_tokens += sum(r.num_prompt_tokens for r in plan.dispatched)
+        # WAA: the encode workers encode what is handed to them in one forward, apart from
+        # the steps
+        dispatched = sum(r.num_prompt_tokens for r in plan.dispatched)
+        self.prompt_tokens += dispatched
+        self.padding_rows += -dispatched % self.pad_tokens_to
         if plan.phase is Phase.ENCODE:
             self.encode_steps += 1
-            self.prompt_tokens += sum(r.num_prompt_tokens for r in plan.requests)
+            prompts = sum(r.num_prompt_tokens for r in plan.requests)
+            self.prompt_tokens += prompts
             self.decode_rows += len(plan.carried)
+            self.padding_rows += -(prompts + len(plan.carried)) % self.pad_tokens_to
         elif plan.requests:  # (a WAA step without rows waited for the encode workers)
             self.decode_steps += 1
             self.decode_rows += len(plan.requests)
 
     @property
     def computed_tokens(self) -> int:
-        return self.prompt_tokens + self.decode_rows
+        return self.prompt_tokens + self.decode_rows + self.padding_rows
 
 
 @dataclass(frozen=True)
@@ -197,7 +205,7 @@ class LLMEngine:
         self._turn = 0  # the lane the next step serves
         self._detok: dict[str, DetokenizerState] = {}
         self._aborted: list[Request] = []
-        self.counters = StepCounters()
+        self.counters = StepCounters(pad_tokens_to(self.model))
         self.last_step: StepTiming | None = None
 
     def _lanes(self, executor: ModelExecutor) -> list[Lane]:

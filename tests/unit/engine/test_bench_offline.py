@@ -91,15 +91,17 @@ def test_engine_runs_record_finishes_and_steps(runs: list[RunResult]) -> None:
         assert all(t.seconds > 0 for t in r.steps)
 
 
-def test_only_static_batching_computes_tokens_its_queries_do_not_need(
+def test_only_static_batching_computes_more_than_its_queries_and_the_padding_need(
     runs: list[RunResult],
 ) -> None:
-    # early termination and packed prompts: rra and continuous compute exactly what the
-    # queries need; static keeps finished rows and HF pads prompts and outputs
+    # early termination and packed prompts: rra and continuous compute what the queries
+    # need, each encoding step rounded up to a multiple of 32 rows; static keeps finished
+    # rows and HF pads prompts and outputs
     for r in runs:
         share = r.summary()["useful_token_share"]
         if r.policy in ("rra", "continuous"):
-            assert r.work.computed_tokens == r.work.needed_tokens
+            encodes = sum(1 for t in r.steps if t.is_encode)
+            assert 0 < r.work.computed_tokens - r.work.needed_tokens <= 31 * encodes
         elif r.knobs["batch_size"] >= 4:  # batches mixing lengths
             assert share < 1.0, r
         assert 0 < share <= 1.0

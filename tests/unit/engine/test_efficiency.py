@@ -50,3 +50,6 @@ def test_step_profile_sorts_each_phase_into_categories(load_cached) -> None:  # 
         assert all(v >= 0 for v in spent.values())
     assert engine.counters.prompt_tokens == 10 + 11 + 12
     assert engine.counters.decode_rows == 3 * 3
+    # the encoding forward's 33 rows were rounded up to 64, as the executor pads them
+    assert engine.counters.padding_rows == 64 - 33
+    assert engine.counters.computed_tokens == 64 + 3 * 3
