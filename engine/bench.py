@@ -52,11 +52,12 @@ Setting = tuple[str, dict[str, int]]  # a policy and its knobs
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from engine.cli import add_model_arguments
+    from engine.cli import add_device_argument, add_model_arguments
 
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     offline = sub.add_parser("offline", help="the paper's method: best throughput per bound")
     add_model_arguments(offline)
+    add_device_argument(offline)
     offline.add_argument(
         "--tasks",
         default="S,C1",

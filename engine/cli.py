@@ -12,7 +12,8 @@ import logging
 import sys
 from collections.abc import Callable
 
-from engine.model_loader import DEFAULT_MODEL, DTYPES, ModelLoadError
+from engine.model_loader import DEFAULT_MODEL, DTYPES, ModelLoadError, device_scope
+from engine.protocol import check_device
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -27,9 +28,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default), or cuda / cuda:N: the model and the engine on that GPU, in one "
+        "process (model workers run on the CPU)",
+    )
+
+
 def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("generate", help="complete one prompt (greedy) and print it")
     add_model_arguments(parser)
+    add_device_argument(parser)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -98,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         for chatty in ("amqtt", "transitions"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
     run: Runner = args.run
+    device = getattr(args, "device", "cpu")  # commands without --device run on the CPU
     try:
-        return run(args)
+        check_device(device, getattr(args, "workers", 1))
+        with device_scope(device):
+            return run(args)
     except (ModelLoadError, ValueError, FileNotFoundError) as exc:
         print(f"exegpt {args.command}: error: {exc}", file=sys.stderr)
         return 2

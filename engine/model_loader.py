@@ -8,6 +8,7 @@ safetensors folder under the cache directory, so every later load takes about a 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -68,6 +69,22 @@ class LoadedModel:
     def device(self) -> torch.device:
         """Where the weights live (torch's default device when the model was loaded)."""
         return next(self.model.parameters()).device
+
+
+def device_scope(name: str) -> contextlib.AbstractContextManager[Any]:
+    """Where a command or an engine process loads its model and creates its tensors: on
+    the CPU nothing to enter (torch's device scope hooks every torch call, which the CPU
+    path does without); on a GPU, torch's default device within the scope. A GPU that is
+    not there is a ModelLoadError."""
+    device = torch.device(name)
+    if device.type == "cpu":
+        return contextlib.nullcontext()
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ModelLoadError(f"device {name!r}: torch sees no CUDA device on this machine")
+    if (device.index or 0) >= count:
+        raise ModelLoadError(f"device {name!r}: this machine has {count} CUDA device(s)")
+    return device
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "bfloat16") -> LoadedModel:

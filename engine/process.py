@@ -254,8 +254,11 @@ def serve(sock: socket.socket, options: p.EngineOptions) -> int:
     try:
         with startup_phase():
             from engine.adaptation import build_adaptive_engine
+            from engine.model_loader import device_scope
 
-            adaptation = build_adaptive_engine(options)
+            device = device_scope(options.device)
+            with device:
+                adaptation = build_adaptive_engine(options)
     except Exception as exc:  # ModelLoadError, bad options: the gateway reports it and exits
         logger.exception("engine failed to start")
         conn.send([p.Error(None, f"engine failed to start: {exc}", 500, "server_error")])
@@ -273,7 +276,8 @@ def serve(sock: socket.socket, options: p.EngineOptions) -> int:
         ]
     )
     try:
-        EngineLoop(adaptation, conn, options).run()
+        with device:  # the step loop creates its tensors there too
+            EngineLoop(adaptation, conn, options).run()
     finally:
         adaptation.close()
         engine.close()
@@ -288,6 +292,13 @@ class BaselineWorkload(msgspec.Struct, frozen=True):
 
 def run_baseline(options: p.EngineOptions, workload: BaselineWorkload) -> dict[str, float]:
     """The engine's own throughput on a workload, no IPC: the gateway benchmark's reference."""
+    from engine.model_loader import device_scope
+
+    with device_scope(options.device):
+        return _run_baseline(options, workload)
+
+
+def _run_baseline(options: p.EngineOptions, workload: BaselineWorkload) -> dict[str, float]:
     with startup_phase():  # as the served engine's
         from engine.adaptation import build_adaptive_engine
         from engine.sampling import SamplingParams

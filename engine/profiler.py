@@ -397,9 +397,10 @@ def profile_model(
 
 # -- command line ------------------------------------------------------------------------
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
-    from engine.cli import add_model_arguments
+    from engine.cli import add_device_argument, add_model_arguments
 
     add_model_arguments(parser)
+    add_device_argument(parser)
     parser.add_argument("--out", required=True, type=Path, help="profile JSON to write")
     parser.add_argument("--max-batch", type=int, default=None, help="largest batch (2^k)")
     parser.add_argument("--max-len", type=int, default=None, help="longest prompt/context")

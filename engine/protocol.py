@@ -21,6 +21,7 @@ get an EncodeOrder per encode batch instead, sent to each of them point to point
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
 
@@ -98,6 +99,7 @@ class EngineOptions(msgspec.Struct, frozen=True):
     tp_degree: int = 1  # tensor-parallel degree; pipeline stages = num_workers / tp_degree
     rendezvous: str | None = None  # HOST:PORT where workers on other machines join
     local_workers: int | None = None  # workers started here, the driver included (None: all)
+    device: str = "cpu"  # or "cuda[:N]": the model and its tensors on that GPU (one worker)
 
 
 # --- gateway -> engine ------------------------------------------------------------------
@@ -279,6 +281,18 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected HOST:PORT, got {address!r}")
     return host, int(port)
+
+
+def check_device(device: str, num_workers: int) -> None:
+    """ValueError with one clear line unless `device` is 'cpu', 'cuda' or 'cuda:N', and a
+    GPU runs one engine process (the worker group's executors run on the CPU)."""
+    if re.fullmatch(r"cpu|cuda(:\d+)?", device) is None:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device != "cpu" and num_workers > 1:
+        raise ValueError(
+            f"model workers run on the CPU: device {device} runs one engine process "
+            f"(--workers 1), got --workers {num_workers}"
+        )
 
 
 def check_placement(num_workers: int, rendezvous: str | None, local_workers: int | None) -> None:

@@ -33,6 +33,7 @@ def engine_options(config: GatewayConfig) -> p.EngineOptions:
     return p.EngineOptions(
         model=config.model,
         dtype=config.dtype,
+        device=config.device,
         max_num_seqs=config.max_num_seqs,
         max_model_len=config.max_model_len,
         policy=config.policy,

@@ -22,6 +22,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default=d.model, help="'smollm2', 'random:<arch>' or a Hugging Face model folder"
     )
     parser.add_argument("--dtype", default=d.dtype, choices=("bfloat16", "float32", "float16"))
+    from engine.cli import add_device_argument  # which imports this module
+
+    add_device_argument(parser)
     parser.add_argument("--host", default=d.host, help="listen address (default %(default)s)")
     parser.add_argument("--port", type=int, default=d.port)
     parser.add_argument(
@@ -131,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         model=args.model,
         dtype=args.dtype,
+        device=args.device,
         host=args.host,
         port=args.port,
         slo_s=args.slo,

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from engine.protocol import check_placement
+from engine.protocol import check_device, check_placement
 
 POLICIES = ("rra", "continuous", "static", "waa_c", "waa_m")
 WAA_POLICIES = ("waa_c", "waa_m")  # encode and decode on separate workers
@@ -26,6 +26,7 @@ class MqttTarget:
 class GatewayConfig:
     model: str = "smollm2"
     dtype: str = "bfloat16"
+    device: str = "cpu"  # or "cuda[:N]": the engine process's model on that GPU
     host: str = "127.0.0.1"
     port: int = 8000
     slo_s: float | None = None  # None: no latency bound (highest-throughput schedule)
@@ -86,6 +87,7 @@ class GatewayConfig:
                 f"--workers 2 or more, got {self.num_workers}"
             )
         check_placement(self.num_workers, self.rendezvous, self.local_workers)
+        check_device(self.device, self.num_workers)
         if not self.profile:
             raise ValueError("profile must be 'full', 'quick' or a profile file")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:

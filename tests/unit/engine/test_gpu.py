@@ -14,6 +14,7 @@ import torch
 
 from adaptive.schedule import Policy, Schedule
 from engine import kernels
+from engine.cli import main
 from engine.efficiency import measure_ceiling
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.model_loader import load_model
@@ -101,3 +102,15 @@ def test_ceiling_is_timed_to_completion_on_cuda():
     """An unsynchronised timer would read the launch alone: petaFLOP/s and more."""
     flops = measure_ceiling(torch.bfloat16, torch.device("cuda"), min_seconds=0.5)
     assert 1e12 < flops < 3e15
+
+
+def test_generate_on_the_gpu_writes_what_it_writes_on_the_cpu(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    texts = []
+    for device in ("cpu", "cuda"):
+        argv = ["generate", "--model", "random:llama", "--dtype", "float32", "--device", device,
+                "--prompt", "The capital of France is", "--max-tokens", "12"]  # fmt: skip
+        assert main(argv) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0]) > len("The capital of France is")

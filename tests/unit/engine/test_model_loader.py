@@ -2,7 +2,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from engine.cli import main
 from engine.model_loader import ModelLoadError, load_model
 
 
@@ -69,3 +71,25 @@ def test_cli_reports_a_bad_model_path_in_one_line():
         "exegpt generate: error: model '/no/such/model': no such directory (expected a Hugging "
         "Face model folder, 'smollm2' or 'random:<llama|gpt2|t5>')"
     ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("cuda", "device 'cuda': torch sees no CUDA device on this machine"),
+        ("tpu", "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    ],
+)
+def test_a_device_that_is_not_there_is_one_line_and_status_2(
+    device: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "--model", "random:llama", "--device", device, "--prompt", "hi"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"exegpt generate: error: {message}"
+
+
+def test_workers_stay_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "offline", "--model", "random:llama", "--device", "cuda", "--workers", "2"]
+    assert main(argv) == 2
+    assert "model workers run on the CPU" in capsys.readouterr().err

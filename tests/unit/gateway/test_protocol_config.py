@@ -51,6 +51,8 @@ def test_frame_guards() -> None:
         ({"num_workers": 2, "local_workers": 3, "rendezvous": "h:1"}, "between 1 and"),
         ({"num_workers": 2, "rendezvous": "no-port"}, "HOST:PORT"),
         ({"num_workers": 2, "rendezvous": "h:99999"}, "HOST:PORT"),
+        ({"device": "gpu"}, "'cpu', 'cuda' or 'cuda:N'"),
+        ({"device": "cuda", "num_workers": 2}, "model workers run on the CPU"),
     ],
 )
 def test_config_rejects_bad_values(overrides: dict[str, object], words: str) -> None:
@@ -78,3 +80,10 @@ def _adaptation() -> p.AdaptationInfo:
         True, p.LengthStats(12.0, 30.0, 16.0, 16.0, 40.0), "drift", 1.7e9, "drift", 2, 3.5,
         0.2, "quick", [1.0, 1.0], [1.1, 0.9], 1.0, 0.8, 0.4, 20.0, 0.35, 18.0, 0.99, 40,
     )  # fmt: skip
+
+
+def test_the_engine_process_is_started_on_the_configured_device() -> None:
+    from gateway.app import engine_options
+
+    assert engine_options(GatewayConfig()).device == "cpu"
+    assert engine_options(GatewayConfig(device="cuda:1")).device == "cuda:1"
