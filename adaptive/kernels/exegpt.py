@@ -121,6 +121,18 @@ def rra_quantile(
 
 
 @jit
+def no_row_left(cdf: Arr, n_d: int, u: int, admitted: float) -> float:
+    """The probability that no query needs iteration u of an RRA cycle: every query
+    admitted k cycles earlier has fewer than k * N_D + u iterations (cdf: P(I <= i))."""
+    log_p = 0.0
+    for i in range(u - 1, cdf.size - 1, n_d):  # past the last entry, F = 1
+        if cdf[i] <= 0.0:
+            return 0.0
+        log_p += math.log(min(cdf[i], 1.0))
+    return math.exp(admitted * log_p)
+
+
+@jit
 def rra_point(
     tables: Arr,
     axes: Arr,
@@ -143,6 +155,12 @@ def rra_point(
     B_D = B_E * E[c]. The paper: B_D = B_E / E[1/c] (smaller).
     A running batch capped at `cap` rows (0: none) admits only what leaves: when B_D
     would pass the cap, each cycle encodes B_E * cap / B_D queries and B_D = cap.
+
+    A cycle stops decoding once every row has left, so iteration u runs with the
+    probability that some row is still there: a query admitted k cycles earlier is there
+    if I >= k * N_D + u, so none is with probability prod_k F(k * N_D + u - 1)^B_E (F the
+    cdf of I, queries independent). It costs that probability times a step over the rows
+    present when it runs; a query's own iterations all run.
     """
     n = int(s[S_N])
     lay = split_devices(k1, kd, d, n, g)
@@ -169,13 +187,16 @@ def rra_point(
     cum = np.zeros(n_d + 1)  # cum[u]: a cycle's first u decoding iterations
     alive = b_d
     bubble = 0.0
+    cdf = np.cumsum(iters_pmf)
     for u in range(1, n_d + 1):
+        runs = 1.0 - no_row_left(cdf, n_d, u, admitted)
         t_u = 0.0
-        if alive > ALIVE_MIN:  # else every query has left: the next cycle starts
-            t_u = pass_time(tables, axes, s, DECODE, lay, max(alive, 1.0), s[S_CTX_MEAN])
+        if alive > ALIVE_MIN and runs > 0.0:  # else every query has left: the next cycle
+            rows = max(alive / runs, 1.0)
+            t_u = pass_time(tables, axes, s, DECODE, lay, rows, s[S_CTX_MEAN])
         if u == 1:
             bubble = phase_bubble(n_stages(lay), t_enc, t_u) if t_u > 0.0 else 0.0
-        cycle += t_u
+        cycle += runs * t_u
         cum[u] = cum[u - 1] + t_u
         alive -= b_d * done_paper[u] if paper else admitted * done[u]
     cycle += bubble

@@ -245,3 +245,18 @@ def test_the_kernels_compiled_code_is_cached_per_version_of_every_kernel_module(
     cost = copy / "cost.py"
     cost.write_text(cost.read_text().replace("mean_padding / max(batch, 1.0)", "mean_padding"))
     assert K.cost.numba_cache_dir(copy) != K.cost.numba_cache_dir(kernels)
+
+
+@pytest.mark.parametrize("b_e", [2, 6, 12])
+def test_an_rra_cycle_decodes_only_while_some_row_needs_it(opt13b: Profile, b_e: int) -> None:
+    """With N_D past most queries' lengths, a cycle ends when its last row leaves, which
+    with few rows comes well before the longest length the histogram holds: the model
+    runs iteration u with the probability that some row still needs it (the discrete-event
+    run stops decoding when none does)."""
+    cluster = preset_cluster("a40", 1)
+    ins, outs = LengthDistribution.from_task("C1").sample(50000, np.random.default_rng(0))
+    dist = LengthDistribution.from_samples(np.maximum(ins // 4, 1), np.maximum(outs // 4, 1))
+    schedule = Schedule(Policy.RRA, b_e, decode_iters=32, max_batch=UNCAPPED)
+    analytic = simulate(opt13b, cluster, dist, schedule)
+    des = simulate_discrete(opt13b, cluster, dist, schedule, seed=2)
+    assert analytic.throughput_req_s == pytest.approx(des.throughput_req_s, rel=DES_TOLERANCE)
