@@ -12,7 +12,6 @@ exegpt, Hugging Face `generate` and peer servers side by side (engine/bench_comp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from engine.bench_serve import add_serve_bench_arguments
 from engine.efficiency import CATEGORIES, StepProfile, measure_ceiling
 from engine.llm_engine import LLMEngine
 from engine.model_loader import load_model
+from engine.reports import write_report
 from engine.workloads import Query, make_prompts, read_lengths, task_queries
 
 logger = logging.getLogger(__name__)
@@ -196,10 +196,7 @@ def run_offline(args: argparse.Namespace) -> int:
             report["tasks"][task]["step_profile"] = profiles
         if args.json is not None:  # after each task: a run stopped later keeps this one
             report |= {"records": records, "runs": [r.summary() for r in runs]}
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=1) + "\n")
-    if args.json is not None:
-        print(f"wrote {args.json}")
+            write_report(report, args.json)
     return 0
 
 

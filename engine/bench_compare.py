@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -53,6 +52,7 @@ from engine.bench_offline import (
 )
 from engine.bench_peers import Peer, PeerError, find_peers, run_peer, running
 from engine.model_loader import LoadedModel, load_model, model_folder
+from engine.reports import write_report
 from engine.workloads import Query, make_prompts, task_queries
 
 OURS = ("exegpt", "static", "continuous")
@@ -276,9 +276,7 @@ def run_compare(args: argparse.Namespace) -> int:
             report["tasks"][task] = result
             print_comparison(task, result, report["systems"])
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        write_report(report, args.json)
     if args.plot is not None:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_comparison(report, args.plot)

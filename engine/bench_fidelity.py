@@ -60,6 +60,7 @@ from engine.bench_offline import (
 )
 from engine.model_loader import LoadedModel, load_model
 from engine.profiler import QUICK, ProfileOptions, profile_model
+from engine.reports import write_report
 from engine.workloads import Query, make_prompts, task_queries
 
 LOCAL = Link(1e12, 0.0)  # one device: no link is ever crossed
@@ -375,7 +376,8 @@ def run_fidelity(args: argparse.Namespace) -> int:
     if args.replay is not None:
         report = replay(json.loads(args.replay.read_text()))
         print_fidelity(report)
-        write_report(report, args.json)
+        if args.json is not None:
+            write_report(report, args.json)
         return 0
     if args.workers < 1:
         raise ValueError("--workers must be >= 1")
@@ -394,15 +396,9 @@ def run_fidelity(args: argparse.Namespace) -> int:
     )  # fmt: skip
     report |= {"dtype": args.dtype, "seed": args.seed, "scale": args.scale, "quick": args.quick}
     print_fidelity(report)
-    write_report(report, args.json)
+    if args.json is not None:
+        write_report(report, args.json)
     return 0
-
-
-def write_report(report: dict[str, Any], path: Path | None) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {path}")
 
 
 def _ratio(value: float | None) -> str:

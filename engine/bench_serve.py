@@ -41,6 +41,7 @@ import aiohttp
 import numpy as np
 from tqdm import tqdm
 
+from engine.reports import write_report
 from engine.workloads import Query, make_prompts, read_lengths, task_queries
 from gateway.config import is_loopback
 
@@ -439,7 +440,5 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot reach {args.url}: {exc}") from None
     print_report(report)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        write_report(report, args.json)
     return 0

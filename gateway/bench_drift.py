@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -30,6 +29,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from engine.reports import write_report
 from engine.workloads import Query, make_prompts, task_queries
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer
@@ -171,9 +171,7 @@ def run_drift(args: argparse.Namespace) -> int:
             "args": {k: str(v) for k, v in vars(args).items() if k != "run"},
             "phases": [asdict(r) for r in results],
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        write_report(report, args.json)
     return 0
 
 

@@ -120,9 +120,8 @@ class _LlamaArch:
         self.input_norms = [_RMSNorm(layer.input_layernorm, fused_norm) for layer in own]
         self.post_norms = [_RMSNorm(layer.post_attention_layernorm, fused_norm) for layer in own]
         self.final_norm = _RMSNorm(self.body.norm, fused_norm)
-        self.rotate = (
-            kernels.rotary(weight.dtype, weight.device) or _rotate
-        )  # q and k by their positions
+        # q and k by their positions
+        self.rotate = kernels.rotary(weight.dtype, weight.device) or _rotate
         attns = [layer.self_attn for layer in own]
         mlps = [layer.mlp for layer in own]
         hd = self.head_dim
