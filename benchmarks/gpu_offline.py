@@ -1,8 +1,9 @@
 """The driver of benchmarks/gpu.sh: profile an OPT-1.3B-shaped model, then `bench offline`.
 
-The engine and the profiler create their tensors on torch's default device, and
-`from_pretrained` loads onto it too, so setting the default device to CUDA moves the whole
-run to the GPU without a device flag in the engine. The model is OPT-1.3B's shape (hidden
+The model is made and profiled within the device scope `exegpt --device` enters (torch's
+default device: `from_config`, `from_pretrained` and the engine create their tensors
+there), and `bench offline` runs with `--device cuda` on a GPU. The model is OPT-1.3B's
+shape (hidden
 2048, 24 layers, 32 heads, FFN 8192, 2048 positions, vocabulary 50272) in the GPT-2
 architecture the engine runs (pre-LayerNorm, learned positions, GELU MLP; OPT differs
 only in its ReLU), with random weights: timing does not depend on their values.
@@ -22,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from adaptive.cache import cache_dir
 from engine.cli import main as exegpt
-from engine.model_loader import load_model, model_folder
+from engine.model_loader import device_scope, load_model, model_folder
 from engine.profiler import ProfileOptions, profile_model
 
 OPT_1_3B = {"n_embd": 2048, "n_layer": 24, "n_head": 32, "n_inner": 8192, "n_positions": 2048}
@@ -36,7 +37,8 @@ def shaped_model(tiny: bool) -> Path:
         return target
     config = AutoConfig.for_model("gpt2", vocab_size=50272, **(TINY if tiny else OPT_1_3B))
     torch.manual_seed(0)
-    # initialised on the default device: 1.3B random weights took ~100 s on a GPU host's CPU
+    # initialised in the caller's device scope: 1.3B random weights took ~100 s on a GPU
+    # host's CPU
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     # the benchmarks never decode text; any tokenizer that loads will do
     tokenizer = AutoTokenizer.from_pretrained(str(model_folder("random:gpt2")))
@@ -55,16 +57,16 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=None, help="multiply all lengths")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_default_device(device)
     args.out.mkdir(parents=True, exist_ok=True)
-    folder = shaped_model(args.tiny)
-    started = time.monotonic()
     grid = (
         ProfileOptions(max_batch=8, max_len=64, max_tokens=512, warmup=0, runs=1)
         if args.tiny
         else ProfileOptions(max_batch=64, max_len=1024, max_tokens=16384, warmup=2, runs=5)
     )
-    profile = profile_model(load_model(str(folder), "bfloat16"), grid)
+    with device_scope(device):
+        folder = shaped_model(args.tiny)
+        started = time.monotonic()
+        profile = profile_model(load_model(str(folder), "bfloat16"), grid)
     (args.out / "profile.json").write_text(json.dumps(profile, indent=1) + "\n")
     print(f"profiled on {profile['device']} in {time.monotonic() - started:.0f} s", flush=True)
     # 32 queries at half length: the eager engine on an H100 steps in ~15 ms (launch-bound,
@@ -74,8 +76,8 @@ def main() -> int:
     scale = args.scale or scale
     workload = ["--num-queries", str(num_queries), "--scale", str(scale)]
     return exegpt(
-        ["bench", "offline", "--model", str(folder), "--tasks", "S,C1", "--quick", *workload,
-         "--json", str(args.out / "offline.json")]
+        ["bench", "offline", "--model", str(folder), "--device", device, "--tasks", "S,C1",
+         "--quick", *workload, "--json", str(args.out / "offline.json")]
     )  # fmt: skip
 
 
