@@ -5,14 +5,17 @@ mostly per-call cost and weight traffic, not arithmetic. Two things cut both:
 
 - fusing projections that read the same input (Q, K and V; gate and up) into one matrix,
   so each layer makes two calls fewer;
-- bf16/fp16 weights reordered once into oneDNN's blocked layout (what inductor's freezing
-  does for CPU linears), so no call re-packs its weight. On CPUs with AMX or AVX512-BF16
-  this halves the time of a small-batch projection; the results are the same matmul.
+- bf16/fp16 weights packed once: for bf16 on CPUs with AVX512-BF16 into exegpt's own
+  projection kernel's panels (`engine.kernels.projection`), elsewhere into oneDNN's blocked
+  layout (what inductor's freezing does for CPU linears), so no call re-packs its weight.
+  oneDNN's packing halves the time of a small-batch projection against plain `linear`;
+  exegpt's kernel takes another third off a decoding iteration's projections. The results
+  are the same products, summed in another order.
 
-With packed weights the elementwise work around a projection also runs inside it, as
-oneDNN post-ops on the float32 accumulator (SiLU of the gate, times the gate for the up
-projection, plus the residual), saving a pass over the activations each: a third of the
-time of a long prompt's MLP here. Unpacked (float32, or no oneDNN) the same results come
+With packed weights the elementwise work around a projection also runs inside it, on the
+float32 sums (oneDNN's post-ops, or exegpt's kernel's): SiLU of the gate, times the gate
+for the up projection, plus the residual, saving a pass over the activations each: a third
+of the time of a long prompt's MLP here. Unpacked (float32, or no oneDNN) the same results come
 from separate operations in Hugging Face's order, bit for bit.
 """
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import torch
 from torch.nn.functional import linear, silu
+
+from engine import kernels
 
 _PACKED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -51,33 +56,54 @@ class FusedLinear:
                     for w, b in zip(weights, biases, strict=True)
                 ]
             )
-        self.packed = _can_pack(weight)
-        self.weight = (
-            torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.packed else weight
-        )
+        self.out_features = weight.shape[0]
+        self.kernel = kernels.projection(weight.dtype, weight.device)
+        self.packed = self.kernel is not None or _can_pack(weight)
+        if self.kernel is not None:
+            self.weight = self.kernel.pack(weight)
+        elif self.packed:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        else:
+            self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self._compiled(x, "none", None)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return linear(x, self.weight, self.bias)
+
+    def _compiled(self, x: torch.Tensor, post: str, other: torch.Tensor | None) -> torch.Tensor:
+        """exegpt's kernel over x's rows (any leading dimensions)."""
+        assert self.kernel is not None
+        rows = x.reshape(-1, x.shape[-1])
+        flat_other = None if other is None else other.reshape(-1, self.out_features)
+        out = self.kernel.apply(rows, self.weight, self.bias, self.out_features, post, flat_other)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self(x).split(self.widths, dim=-1))
 
     def silu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x @ W.T + b)."""
+        if self.kernel is not None:
+            return self._compiled(x, "silu", None)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "swish", [], "")
         return silu(self(x))
 
     def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """(x @ W.T + b) * other."""
+        if self.kernel is not None:
+            return self._compiled(x, "mul", other)
         if self.packed:
             return _binary(x, other, self.weight, self.bias, "mul")
         return other * self(x)
 
     def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """other + (x @ W.T + b)."""
+        if self.kernel is not None:
+            return self._compiled(x, "add", other)
         if self.packed:
             return _binary(x, other, self.weight, self.bias, "add")
         return other + self(x)

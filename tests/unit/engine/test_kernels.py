@@ -1,7 +1,7 @@
 """exegpt's compiled bf16 kernels: decode attention is masked SDPA reading only each row's
 own context, prefill attention is causal attention within each packed prompt, RMSNorm and
-rotary round as the torch operations do, and the executor's bf16 steps through them agree
-with its torch-only path."""
+rotary round as the torch operations do, projections are the float32 products rounded once,
+and the executor's bf16 steps through them agree with its torch-only path."""
 
 import os
 import subprocess
@@ -178,12 +178,66 @@ def test_prefill_attention_refuses_bad_inputs_with_a_message():
         _prefill_op()(q[..., :48], k[..., :48], v[..., :48], torch.tensor([4]), 0.125)
 
 
+def _projection() -> kernels.Projection:
+    proj = kernels.projection(BF16, CPU)
+    assert proj is not None, "the CPU has AVX512-BF16, yet the projection is not built in"
+    return proj
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("rows", [1, 13, 200, 400])
+@pytest.mark.parametrize(("n", "k"), [(64, 576), (40, 33)], ids=["panels", "tails"])
+def test_projection_is_the_float32_products_rounded_once(rows, n, k):
+    """Rows on either side of the 12-row micro-kernel and the 192-row groups, columns past
+    a 32-column panel and an odd K: every post-op, with a bias, is the float32 result
+    rounded to bf16 once, up to the order of the float32 sums."""
+    gen = torch.Generator().manual_seed(rows + n)
+    w = (torch.randn(n, k, generator=gen) * 0.2).to(BF16)
+    bias = torch.randn(n, generator=gen).to(BF16)
+    x = torch.randn(rows, k, generator=gen).to(BF16)
+    other = torch.randn(rows, n, generator=gen).to(BF16)
+    proj = _projection()
+    packed = proj.pack(w)
+    exact = x.float() @ w.float().T + bias.float()
+    posts = {
+        "none": exact,
+        "silu": torch.nn.functional.silu(exact),
+        "mul": exact * other.float(),
+        "add": exact + other.float(),
+    }
+    for post, want in posts.items():
+        takes_other = post in ("mul", "add")
+        got = proj.apply(x, packed, bias, n, post, other if takes_other else None)
+        assert got.dtype == BF16 and got.shape == (rows, n)
+        torch.testing.assert_close(got.float(), want.to(BF16).float(), rtol=2**-7, atol=1e-3)
+    unbiased = proj.apply(x, packed, None, n, "none", None)
+    torch.testing.assert_close(
+        unbiased.float(), (exact - bias.float()).to(BF16).float(), rtol=2**-7, atol=1e-3
+    )
+
+
+@needs_bf16_dot
+def test_projection_refuses_bad_inputs_with_a_message():
+    proj = _projection()
+    w = torch.randn(40, 32).to(BF16)
+    packed, x = proj.pack(w), torch.randn(3, 32).to(BF16)
+    with pytest.raises(RuntimeError, match="post must be none, silu, mul or add"):
+        proj.apply(x, packed, None, 40, "gelu", None)
+    with pytest.raises(RuntimeError, match="x has 30 columns; the weight was packed for 32"):
+        proj.apply(x[:, :30], packed, None, 40, "none", None)
+    with pytest.raises(RuntimeError, match="post add takes a bf16 other"):
+        proj.apply(x, packed, None, 40, "add", None)
+    with pytest.raises(RuntimeError, match="n = 80 does not fit"):
+        proj.apply(x, packed, None, 80, "none", None)
+
+
 def test_only_bf16_on_the_cpu_and_compiled_head_sizes_get_the_kernel():
     assert kernels.decode_attention(torch.float32, CPU, 64, 4, 2) is None  # fp32 stays exact
     gpu = torch.device("cuda")  # CPU ops: a GPU executor keeps torch's operations
     assert kernels.decode_attention(BF16, gpu, 64, 4, 2) is None
     assert kernels.prefill_attention(BF16, gpu, 64, 4, 2) is None
     assert kernels.rms_norm(BF16, gpu) is None and kernels.rotary(BF16, gpu) is None
+    assert kernels.projection(BF16, gpu) is None and kernels.projection(torch.float16, CPU) is None
     assert kernels.signature(BF16, gpu) == "torch"
     assert kernels.decode_attention(BF16, CPU, 80, 4, 2) is None
     assert kernels.decode_attention(BF16, CPU, 64, 6, 4) is None  # not whole GQA groups
