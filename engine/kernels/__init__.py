@@ -181,11 +181,12 @@ def _attention_applies(
 @dataclass(frozen=True)
 class Projection:
     """The compiled bf16 projection: `pack(w [N, K])` once, then `apply(x [M, K], packed,
-    bias [N] or None, N, post, other [M, N] or None)` -> post(x @ w.T + bias), post one of
-    "none", "silu", "mul" (times other), "add" (plus other), rounded to bf16 once."""
+    bias [N] or None, N, post, other [M, N] or None, widen)` -> post(x @ w.T + bias), post
+    one of "none", "silu", "mul" (times other), "add" (plus other), rounded to bf16 once;
+    with widen those bf16 values come as float32."""
 
     pack: Callable[[Tensor], Tensor]
-    apply: Callable[[Tensor, Tensor, Tensor | None, int, str, Tensor | None], Tensor]
+    apply: Callable[[Tensor, Tensor, Tensor | None, int, str, Tensor | None, bool], Tensor]
 
 
 def projection(dtype: torch.dtype, device: torch.device) -> Projection | None:

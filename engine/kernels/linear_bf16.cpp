@@ -2,10 +2,11 @@
 //
 //   pack_linear(w [N, K]) -> [ceil(N / 32), ceil(K / 2), 32, 2]  bf16, once per weight: panels
 //       of 32 output columns, each k-pair of a column side by side (zeros past N and K)
-//   linear(x [M, K], packed, bias [N]?, n = N, post, other [M, N]?) -> [M, N]  bf16
+//   linear(x [M, K], packed, bias [N]?, n = N, post, other [M, N]?, widen) -> [M, N]
 //       post(x @ w^T + bias) with post "none", "silu" (v * sigmoid(v)), "mul" (v * other) or
 //       "add" (v + other), all in float32 on the sum, rounded to bf16 once (as oneDNN's
-//       post-ops round)
+//       post-ops round); bf16, or with widen float32 holding those bf16 values (logits,
+//       without a second pass to widen them)
 //
 // The micro-kernel keeps up to 12 rows x 32 columns of float32 sums in 24 registers: per
 // k-pair it loads the panel's two vectors of weights and dots them (vdpbf16ps: exact
@@ -106,9 +107,10 @@ inline __m512 load_bf16(const uint16_t* p, __mmask16 live) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// out[row][col0 ..] = bf16(post(sums + bias)) for the panel's live columns
+// out[row][col0 ..] = bf16(post(sums + bias)) for the panel's live columns; widened to
+// float32 into wide instead where that is given
 inline void finish(const float* sums, const uint16_t* bias, Post post, const uint16_t* other,
-                   uint16_t* out, int cols) {
+                   uint16_t* out, float* wide, int cols) {
   for (int h = 0; h < 2; ++h) {
     const int left = cols - 16 * h;
     if (left <= 0) break;
@@ -123,12 +125,18 @@ inline void finish(const float* sums, const uint16_t* bias, Post post, const uin
       case Post::kMul: v = _mm512_mul_ps(v, load_bf16(other + 16 * h, live)); break;
       case Post::kAdd: v = _mm512_add_ps(v, load_bf16(other + 16 * h, live)); break;
     }
-    _mm256_mask_storeu_epi16(out + 16 * h, live, (__m256i)_mm512_cvtneps_pbh(v));
+    const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(v);
+    if (wide != nullptr)
+      _mm512_mask_storeu_ps(wide + 16 * h, live,
+                            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)));
+    else
+      _mm256_mask_storeu_epi16(out + 16 * h, live, rounded);
   }
 }
 
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, const c10::optional<at::Tensor>& bias_in,
-                  int64_t n, c10::string_view post_name, const c10::optional<at::Tensor>& other_in) {
+                  int64_t n, c10::string_view post_name, const c10::optional<at::Tensor>& other_in,
+                  bool widen) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "linear takes bf16 x [M, K]");
   TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kCols && packed.size(3) == 2 &&
                   packed.scalar_type() == at::kBFloat16 && packed.is_contiguous(),
@@ -154,12 +162,13 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, const c10::o
   // an odd K reads one column past x's rows: pad them with a zero (its weight is zero too)
   const at::Tensor x = k % 2 ? at::constant_pad_nd(x_in, {0, 1}) : x_in.contiguous();
   const int64_t ldx = x.size(1);
-  at::Tensor out = at::empty({m, n}, x.options());
+  at::Tensor out = at::empty({m, n}, widen ? x.options().dtype(at::kFloat) : x.options());
   const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<c10::BFloat16>());
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<c10::BFloat16>());
   const auto* bp = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.const_data_ptr<c10::BFloat16>()) : nullptr;
   const auto* op = other.defined() ? reinterpret_cast<const uint16_t*>(other.const_data_ptr<c10::BFloat16>()) : nullptr;
-  auto* yp = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<c10::BFloat16>());
+  auto* yp = widen ? nullptr : reinterpret_cast<uint16_t*>(out.mutable_data_ptr<c10::BFloat16>());
+  float* wide = widen ? out.mutable_data_ptr<float>() : nullptr;
   const int64_t panels = packed.size(0), groups = (m + kRowGroup - 1) / kRowGroup;
   const int64_t panel_size = pairs * 2 * kCols;
   at::parallel_for(0, panels * groups, 1, [&](int64_t begin, int64_t end) {
@@ -176,7 +185,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, const c10::o
         for (int r = 0; r < rows; ++r) {
           const int64_t at = (r0 + r) * n + p * kCols;
           finish(sums[r], bp == nullptr ? nullptr : bp + p * kCols, post,
-                 op == nullptr ? nullptr : op + at, yp + at, cols);
+                 op == nullptr ? nullptr : op + at, yp == nullptr ? nullptr : yp + at,
+                 wide == nullptr ? nullptr : wide + at, cols);
         }
       }
     }
@@ -188,7 +198,9 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, const c10::o
 
 TORCH_LIBRARY_FRAGMENT(exegpt_cpu, m) {
   m.def("pack_linear(Tensor w) -> Tensor");
-  m.def("linear(Tensor x, Tensor packed, Tensor? bias, int n, str post, Tensor? other) -> Tensor");
+  m.def(
+      "linear(Tensor x, Tensor packed, Tensor? bias, int n, str post, Tensor? other, "
+      "bool widen=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(exegpt_cpu, CPU, m) {

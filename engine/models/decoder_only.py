@@ -172,7 +172,7 @@ class _LlamaArch:
         return h + out
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_norm(h)).float()
+        return self.lm_head.widened(self.final_norm(h))
 
     def drop_model_layers(self) -> None:
         self.body.layers = torch.nn.ModuleList()

@@ -73,12 +73,23 @@ class FusedLinear:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return linear(x, self.weight, self.bias)
 
-    def _compiled(self, x: torch.Tensor, post: str, other: torch.Tensor | None) -> torch.Tensor:
+    def widened(self, x: torch.Tensor) -> torch.Tensor:
+        """(x @ W.T + b) in the weights' dtype, as float32 (logits): in one pass where
+        exegpt's kernel runs."""
+        if self.kernel is not None:
+            return self._compiled(x, "none", None, widen=True)
+        return self(x).float()
+
+    def _compiled(
+        self, x: torch.Tensor, post: str, other: torch.Tensor | None, widen: bool = False
+    ) -> torch.Tensor:
         """exegpt's kernel over x's rows (any leading dimensions)."""
         assert self.kernel is not None
         rows = x.reshape(-1, x.shape[-1])
         flat_other = None if other is None else other.reshape(-1, self.out_features)
-        out = self.kernel.apply(rows, self.weight, self.bias, self.out_features, post, flat_other)
+        out = self.kernel.apply(
+            rows, self.weight, self.bias, self.out_features, post, flat_other, widen
+        )
         return out.view(*x.shape[:-1], self.out_features)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

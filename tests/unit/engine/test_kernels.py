@@ -207,10 +207,12 @@ def test_projection_is_the_float32_products_rounded_once(rows, n, k):
     }
     for post, want in posts.items():
         takes_other = post in ("mul", "add")
-        got = proj.apply(x, packed, bias, n, post, other if takes_other else None)
+        got = proj.apply(x, packed, bias, n, post, other if takes_other else None, False)
         assert got.dtype == BF16 and got.shape == (rows, n)
         torch.testing.assert_close(got.float(), want.to(BF16).float(), rtol=2**-7, atol=1e-3)
-    unbiased = proj.apply(x, packed, None, n, "none", None)
+        widened = proj.apply(x, packed, bias, n, post, other if takes_other else None, True)
+        assert widened.dtype == torch.float32 and torch.equal(widened, got.float())
+    unbiased = proj.apply(x, packed, None, n, "none", None, False)
     torch.testing.assert_close(
         unbiased.float(), (exact - bias.float()).to(BF16).float(), rtol=2**-7, atol=1e-3
     )
@@ -222,13 +224,13 @@ def test_projection_refuses_bad_inputs_with_a_message():
     w = torch.randn(40, 32).to(BF16)
     packed, x = proj.pack(w), torch.randn(3, 32).to(BF16)
     with pytest.raises(RuntimeError, match="post must be none, silu, mul or add"):
-        proj.apply(x, packed, None, 40, "gelu", None)
+        proj.apply(x, packed, None, 40, "gelu", None, False)
     with pytest.raises(RuntimeError, match="x has 30 columns; the weight was packed for 32"):
-        proj.apply(x[:, :30], packed, None, 40, "none", None)
+        proj.apply(x[:, :30], packed, None, 40, "none", None, False)
     with pytest.raises(RuntimeError, match="post add takes a bf16 other"):
-        proj.apply(x, packed, None, 40, "add", None)
+        proj.apply(x, packed, None, 40, "add", None, False)
     with pytest.raises(RuntimeError, match="n = 80 does not fit"):
-        proj.apply(x, packed, None, 80, "none", None)
+        proj.apply(x, packed, None, 80, "none", None, False)
 
 
 def test_only_bf16_on_the_cpu_and_compiled_head_sizes_get_the_kernel():

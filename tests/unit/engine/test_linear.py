@@ -32,6 +32,8 @@ def test_bf16_projection_is_prepacked_and_matches_linear(rows):
         want = torch.nn.functional.linear(x, w, b).float()
         # the same products; a blocked kernel may round the bf16 result one unit differently
         torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    logits = fused.widened(x)  # as the LM head's logits: the bf16 results, in float32
+    assert logits.dtype == torch.float32 and torch.equal(logits, fused(x).float())
 
 
 def test_mismatched_biases_are_refused():
