@@ -185,12 +185,15 @@ def _projection() -> kernels.Projection:
 
 
 @needs_bf16_dot
-@pytest.mark.parametrize("rows", [1, 13, 200, 400])
-@pytest.mark.parametrize(("n", "k"), [(64, 576), (40, 33)], ids=["panels", "tails"])
+@pytest.mark.parametrize("rows", [1, 13, 200, 400, 1000])
+@pytest.mark.parametrize(
+    ("n", "k"), [(64, 576), (40, 33), (100, 1536)], ids=["panels", "tails", "long-rows"]
+)
 def test_projection_is_the_float32_products_rounded_once(rows, n, k):
     """Rows on either side of the 12-row micro-kernel and the 192-row groups, columns past
-    a 32-column panel and an odd K: every post-op, with a bias, is the float32 result
-    rounded to bf16 once, up to the order of the float32 sums."""
+    a 32-column panel, an odd K and a long one: every post-op, with a bias, is the float32
+    result rounded to bf16 once, up to the order of the float32 sums; a row's values do not
+    depend on the rows computed with it (a query's tokens do not depend on its batch)."""
     gen = torch.Generator().manual_seed(rows + n)
     w = (torch.randn(n, k, generator=gen) * 0.2).to(BF16)
     bias = torch.randn(n, generator=gen).to(BF16)
@@ -212,6 +215,8 @@ def test_projection_is_the_float32_products_rounded_once(rows, n, k):
         torch.testing.assert_close(got.float(), want.to(BF16).float(), rtol=2**-7, atol=1e-3)
         widened = proj.apply(x, packed, bias, n, post, other if takes_other else None, True)
         assert widened.dtype == torch.float32 and torch.equal(widened, got.float())
+        last = proj.apply(x[-1:], packed, bias, n, post, other[-1:] if takes_other else None, False)
+        assert torch.equal(last, got[-1:])
     unbiased = proj.apply(x, packed, None, n, "none", None, False)
     torch.testing.assert_close(
         unbiased.float(), (exact - bias.float()).to(BF16).float(), rtol=2**-7, atol=1e-3
