@@ -263,6 +263,14 @@ TP_ARCHS = frozenset(name for name, arch in _ARCHS.items() if arch is _LlamaArch
 
 
 PAD_TOKENS_TO = 32  # encoding steps' token counts are rounded up to a multiple of this
+# On the CPU the executor's forward runs an encoding step's prompts through the layers in
+# groups of whole prompts of at most this many tokens (a longer prompt alone), so that a
+# group's activations stay in the caches between a layer's operations (pipeline stages
+# and WAA's encode workers run a step whole). On two cores of a 32 MB-L3 EPYC, C1's
+# first step (32 prompts, 7,881 tokens) took 2.45-2.84 s in one pass and 2.17-2.24 s in
+# groups; C1 continuous max 32 went from 7.34-7.51 to 7.72-7.75 queries/s (groups of
+# 2,048 tokens gave 7.42-7.51, of 512 7.59-7.66).
+ENCODE_CHUNK_TOKENS = 1024
 
 
 def padded_token_count(tokens: int) -> int:
@@ -272,6 +280,21 @@ def padded_token_count(tokens: int) -> int:
     kernels are cached, for at most PAD_TOKENS_TO - 1 extra rows. Decoding steps' counts
     are batch sizes, which repeat already."""
     return -(-tokens // PAD_TOKENS_TO) * PAD_TOKENS_TO
+
+
+def prompt_groups(items: list[EncodeItem], max_tokens: int | None) -> list[list[EncodeItem]]:
+    """Consecutive groups of whole prompts of at most max_tokens tokens each (a longer
+    prompt alone); one group, possibly empty, where max_tokens is None."""
+    groups: list[list[EncodeItem]] = [[]]
+    tokens = 0
+    for item in items:
+        length = len(item.token_ids)
+        if max_tokens is not None and groups[-1] and tokens + length > max_tokens:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(item)
+        tokens += length
+    return groups
 
 
 def num_layers(loaded: LoadedModel) -> int:
@@ -339,6 +362,7 @@ class DecoderOnlyExecutor:
         shape_args = (loaded.dtype, loaded.device, arch.head_dim, arch.num_heads, arch.num_kv_heads)
         self.decode_kernel = kernels.decode_attention(*shape_args)
         self.prefill_kernel = kernels.prefill_attention(*shape_args)
+        self.chunk_tokens = ENCODE_CHUNK_TOKENS if loaded.device.type == "cpu" else None
 
     @property
     def hidden_size(self) -> int:
@@ -346,6 +370,17 @@ class DecoderOnlyExecutor:
 
     @torch.inference_mode()
     def forward(
+        self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
+    ) -> torch.Tensor:
+        """The step's logits; on the CPU its prompts in groups of at most chunk_tokens
+        tokens, the running rows with the last group. A prompt attends only to itself
+        and a row's projections do not depend on the rows beside it, so the groups give
+        the one pass's tokens."""
+        *groups, last = prompt_groups(items, self.chunk_tokens)
+        logits = [self._pass(group, [], []) for group in groups]
+        return torch.cat([*logits, self._pass(last, token_ids, context_lens)])
+
+    def _pass(
         self, items: list[EncodeItem], token_ids: list[int], context_lens: list[int]
     ) -> torch.Tensor:
         batch = self.batch(items, token_ids, context_lens)

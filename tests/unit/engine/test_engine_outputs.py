@@ -163,3 +163,36 @@ def test_encoding_steps_round_their_rows_up_without_changing_the_logits(load_cac
     assert padded[0].shape == (4, loaded.vocab_size)
     torch.testing.assert_close(padded[0], unpadded[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padded[1], unpadded[1], rtol=1e-5, atol=1e-5)
+
+
+def test_prompts_group_by_tokens_whole_and_in_order() -> None:
+    items = [EncodeItem(i, [1] * n) for i, n in enumerate((5, 3, 9, 2, 1))]
+    groups = decoder_only.prompt_groups(items, 8)
+    assert [[len(item.token_ids) for item in group] for group in groups] == [[5, 3], [9], [2, 1]]
+    assert decoder_only.prompt_groups(items, None) == [items]
+    assert decoder_only.prompt_groups([], 8) == [[]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_encoding_step_in_groups_of_prompts_gives_the_one_pass_logits(load_cached, dtype):
+    """On the CPU a step's prompts run through the layers in groups of at most chunk_tokens
+    tokens, the running rows with the last group: the logits and the cached keys are the
+    one pass's (in bf16, bit for bit: the kernels compute a row apart from its batch)."""
+    loaded = load_cached("random:llama", dtype)
+    items = [EncodeItem(2, [5 + i for i in range(7)]), EncodeItem(3, [9] * 10), EncodeItem(4, [8])]
+
+    def run(chunk_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        executor = build_executor(loaded, 6, 32)
+        assert executor.chunk_tokens == decoder_only.ENCODE_CHUNK_TOKENS
+        executor.chunk_tokens = chunk_tokens
+        executor.forward([EncodeItem(0, [3] * 5), EncodeItem(1, [4] * 7)], [], [])
+        logits = executor.forward(items, [11, 12], [5, 7])
+        return logits, executor.k_cache[0][:5, :, :10]
+
+    grouped, whole = run(8), run(None)  # groups of 7, 10 and 1 tokens
+    assert grouped[0].shape == (5, loaded.vocab_size)
+    if dtype == "bfloat16":
+        assert torch.equal(grouped[0], whole[0]) and torch.equal(grouped[1], whole[1])
+    else:
+        torch.testing.assert_close(grouped[0], whole[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grouped[1], whole[1], rtol=1e-5, atol=1e-5)
